@@ -1,0 +1,420 @@
+"""The U-Net, its model card, and safe save/load (safetensors + JSON, never pickle).
+
+A saved model is a folder::
+
+    model.json            the card: architecture, input channels and normalisation,
+                          threshold and post-processing defaults, provenance, metrics
+    weights.safetensors   the weights; the card holds their sha256
+
+Loading checks the card's format, the weights' hash, and that the weights fit the architecture;
+any mismatch is a :class:`~napari_bulbseg.errors.ModelError` that says what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .errors import ModelError
+from .normalize import Normalization
+
+CARD_NAME = "model.json"
+WEIGHTS_NAME = "weights.safetensors"
+CARD_FORMAT = "napari-bulbseg-model"
+CARD_FORMAT_VERSION = 1
+#: file suffixes of pickled PyTorch / Python objects, refused without being opened
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of a 2D U-Net; ``depth`` counts resolution levels (``depth - 1`` poolings)."""
+
+    in_channels: int = 1
+    out_channels: int = 1
+    base_channels: int = 16
+    depth: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("in_channels", "out_channels", "base_channels", "depth"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ModelError(f"Invalid U-Net setting {name}={v!r}", "it must be an integer >= 1")
+        if self.depth > 7:
+            raise ModelError(f"U-Net depth {self.depth} is too deep", "use a depth of 1 to 7")
+
+    @property
+    def multiple(self) -> int:
+        """Height and width are padded internally to a multiple of this."""
+        return 2 ** (self.depth - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "unet", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
+        if d.get("type", "unet") != "unet":
+            raise ModelError(f"Unknown architecture {d.get('type')!r}", "this version knows 'unet'")
+        try:
+            return cls(**{k: d[k] for k in ("in_channels", "out_channels", "base_channels", "depth")})
+        except KeyError as e:
+            raise ModelError(f"The model card's architecture lacks {e}", "re-export the model") from e
+
+
+class ConvBlock(nn.Sequential):
+    """Two padded 3×3 convolutions, each followed by batch norm and ReLU (size-preserving)."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Down(nn.Sequential):
+    """2×2 max pooling, then a :class:`ConvBlock`."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(nn.MaxPool2d(2), ConvBlock(c_in, c_out))
+
+
+class Up(nn.Module):
+    """2× transposed-convolution upsampling, concatenation with the skip, then a ConvBlock."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(c_in, c_out, 2, stride=2)
+        self.conv = ConvBlock(2 * c_out, c_out)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([skip, self.up(x)], dim=1))
+
+
+class UNet(nn.Module):
+    """A 2D U-Net whose output has exactly the input's height and width, for any size.
+
+    Inputs whose sides are not a multiple of ``2 ** (depth - 1)`` are reflect-padded inside
+    ``forward`` and the logits cropped back, so no pixel is lost (no 512 → 472 shrinkage).
+    Returns logits; apply ``torch.sigmoid`` for probabilities.
+    """
+
+    def __init__(self, config: UNetConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or UNetConfig()
+        c = [self.config.base_channels * 2**i for i in range(self.config.depth)]
+        self.inc = ConvBlock(self.config.in_channels, c[0])
+        self.downs = nn.ModuleList(Down(c[i], c[i + 1]) for i in range(self.config.depth - 1))
+        self.ups = nn.ModuleList(Up(c[i + 1], c[i]) for i in reversed(range(self.config.depth - 1)))
+        self.head = nn.Conv2d(c[0], self.config.out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        m = self.config.multiple
+        ph, pw = (-h) % m, (-w) % m
+        if ph or pw:
+            mode = "reflect" if (h > ph and w > pw) else "replicate"
+            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        y = skips.pop()
+        for up in self.ups:
+            y = up(y, skips.pop())
+        y = self.head(y)
+        return y[..., :h, :w] if (ph or pw) else y
+
+
+def adapt_input_channels(model: UNet, in_channels: int) -> UNet:
+    """A copy of ``model`` taking ``in_channels`` inputs; the first convolution's weights are
+    spread evenly over the new channels, so a grey image replicated to every channel gives
+    exactly the old output (1-channel model → RGB: starts as "mean of channels")."""
+    old = model.config
+    new = UNet(UNetConfig(in_channels, old.out_channels, old.base_channels, old.depth))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    w = state["inc.0.weight"]  # (out, in, 3, 3)
+    mean = w.sum(dim=1, keepdim=True) / in_channels
+    state["inc.0.weight"] = mean.repeat(1, in_channels, 1, 1)
+    new.load_state_dict(state)
+    return new
+
+
+# --------------------------------------------------------------------------- the model card
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def software_versions() -> dict[str, str]:
+    return {"napari_bulbseg": __version__, "torch": torch.__version__, "numpy": np.__version__}
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to use a model correctly, next to its weights as ``model.json``."""
+
+    name: str = "unet"
+    architecture: dict[str, Any] = field(default_factory=lambda: UNetConfig().to_dict())
+    normalization: dict[str, Any] = field(default_factory=lambda: Normalization().to_dict())
+    #: how image channels reach the model: see normalize.CHANNEL_POLICIES; "adapted" notes
+    #: that the first layer was widened from a model with fewer channels
+    channel_policy: str = "native"
+    threshold: float = 0.5
+    postprocess: dict[str, Any] = field(
+        default_factory=lambda: {"min_size": 0, "fill_holes": False, "keep_largest": 0}
+    )
+    #: validation threshold sweep: list of [threshold, dice]
+    threshold_curve: list[list[float]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    version: str = "0"
+    parent: str | None = None
+    created: str = field(default_factory=_now)
+    description: str = ""
+    software: dict[str, str] = field(default_factory=software_versions)
+    weights: dict[str, Any] = field(default_factory=dict)
+    format: str = CARD_FORMAT
+    format_version: int = CARD_FORMAT_VERSION
+
+    @property
+    def unet_config(self) -> UNetConfig:
+        return UNetConfig.from_dict(self.architecture)
+
+    @property
+    def in_channels(self) -> int:
+        return self.unet_config.in_channels
+
+    @property
+    def norm(self) -> Normalization:
+        return Normalization.from_dict(self.normalization)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "model card") -> ModelCard:
+        if not isinstance(d, dict):
+            raise ModelError(f"{source} is not a JSON object", "is this a napari-bulbseg model?")
+        if d.get("format") != CARD_FORMAT:
+            raise ModelError(
+                f"{source} is not a napari-bulbseg model card (format={d.get('format')!r})",
+                "load a folder written by napari-bulbseg (model.json + weights.safetensors)",
+            )
+        fv = d.get("format_version")
+        if not isinstance(fv, int) or fv < 1:
+            raise ModelError(f"{source} has an invalid format_version {fv!r}", "re-export it")
+        if fv > CARD_FORMAT_VERSION:
+            raise ModelError(
+                f"{source} is format version {fv}, newer than this napari-bulbseg understands "
+                f"({CARD_FORMAT_VERSION})",
+                "upgrade napari-bulbseg to load this model",
+            )
+        known = set(cls.__dataclass_fields__)
+        card = cls(**{k: v for k, v in d.items() if k in known})
+        card.unet_config  # noqa: B018 - validates the architecture
+        card.norm  # noqa: B018 - validates the normalisation
+        try:
+            card.threshold = float(card.threshold)
+        except (TypeError, ValueError) as e:
+            raise ModelError(f"{source} has a non-numeric threshold", "fix or re-export it") from e
+        if not 0.0 <= card.threshold <= 1.0:
+            raise ModelError(f"{source} has threshold {card.threshold} outside [0, 1]", "fix it")
+        return card
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not possible on every platform
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_model(
+    directory: str | os.PathLike,
+    model: UNet,
+    card: ModelCard,
+    dtype: str = "float32",
+) -> Path:
+    """Write ``model`` + ``card`` into a new folder ``directory``, atomically.
+
+    The folder is first written under a temporary name beside it and renamed into place only
+    when complete, so a crash or full disk never leaves a half-written model. An existing
+    ``directory`` is never overwritten. ``dtype="float16"`` halves the file size.
+    """
+    from safetensors.torch import save as st_save
+
+    directory = Path(directory)
+    if directory.exists():
+        raise ModelError(
+            f"A model already exists at {directory}", "models are never overwritten: pick a new name"
+        )
+    if dtype not in ("float32", "float16"):
+        raise ModelError(f"Unsupported weight dtype {dtype!r}", "use float32 or float16")
+    card.architecture = model.config.to_dict()
+    tensors = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().to("cpu").contiguous()
+        if dtype == "float16" and v.is_floating_point():
+            v = v.to(torch.float16)
+        tensors[k] = v
+    payload = st_save(tensors, metadata={"format": CARD_FORMAT})
+    card.weights = {
+        "file": WEIGHTS_NAME,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "dtype": dtype,
+        "bytes": len(payload),
+    }
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        _fsync_write(tmp / WEIGHTS_NAME, payload)
+        _fsync_write(tmp / CARD_NAME, card.to_json().encode("utf-8"))
+        _fsync_dir(tmp)
+        os.replace(tmp, directory)
+        _fsync_dir(directory.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for prediction: the network in eval mode, its card and where it came from."""
+
+    model: UNet
+    card: ModelCard
+    path: Path | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def name(self) -> str:
+        return f"{self.card.name} v{self.card.version}"
+
+
+def read_card(path: str | os.PathLike) -> ModelCard:
+    """Read and validate ``model.json`` from a model folder (or the card file itself)."""
+    folder = _model_folder(path)
+    card_path = folder / CARD_NAME
+    if not card_path.is_file():
+        raise ModelError(
+            f"No model card ({CARD_NAME}) in {folder}",
+            "a model folder holds model.json and weights.safetensors",
+        )
+    try:
+        data = json.loads(card_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"The model card {card_path} is not valid JSON ({e})", "re-export it") from e
+    return ModelCard.from_dict(data, source=f"The model card {card_path}")
+
+
+def _model_folder(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelError(
+            f"{p.name} looks like a pickled PyTorch file; it was not opened, because unpickling "
+            "can run arbitrary code",
+            "convert the weights to a napari-bulbseg model folder (safetensors + model.json)",
+        )
+    if p.is_file() and p.name in (CARD_NAME, WEIGHTS_NAME):
+        return p.parent
+    if not p.exists():
+        raise ModelError(f"No model at {p}", "give a model folder (model.json + weights.safetensors)")
+    if not p.is_dir():
+        raise ModelError(
+            f"{p} is not a model folder", "give a folder holding model.json + weights.safetensors"
+        )
+    return p
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model folder, checking the card, the weights' sha256 and their fit."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    folder = _model_folder(path)
+    card = read_card(folder)
+    wpath = folder / card.weights.get("file", WEIGHTS_NAME)
+    if not wpath.is_file():
+        raise ModelError(f"The weights file {wpath} is missing", "copy the whole model folder")
+    payload = wpath.read_bytes()
+    expected = card.weights.get("sha256")
+    actual = hashlib.sha256(payload).hexdigest()
+    if not expected:
+        raise ModelError(f"The model card in {folder} records no weights hash", "re-export it")
+    if actual != expected:
+        raise ModelError(
+            f"The weights in {folder} do not match their card (sha256 {actual[:12]}… ≠ "
+            f"{str(expected)[:12]}…): the file is corrupt, truncated or was replaced",
+            "copy the model folder again from its source",
+        )
+    try:
+        tensors = st_load(payload)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise ModelError(f"The weights file {wpath} is unreadable ({e})", "copy it again") from e
+    model = UNet(card.unet_config)
+    state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ModelError(
+            f"The weights in {folder} do not fit the architecture in its card ({first})",
+            "the card and weights come from different models; re-export the model",
+        ) from e
+    dev = torch.device(device)
+    model.to(dev).eval()
+    return LoadedModel(model=model, card=card, path=folder, device=dev)
+
+
+def bundled_model_dir() -> Path:
+    """The default model shipped (read-only) inside the package."""
+    return Path(__file__).parent / "bundled" / "default"
+
+
+def load_bundled(device: str | torch.device = "cpu") -> LoadedModel:
+    return load_model(bundled_model_dir(), device=device)

@@ -1,0 +1,140 @@
+"""Intensity normalisation and channel conversion, shared by training and prediction.
+
+The model card stores the :class:`Normalization` a model was trained with; prediction reads it
+back from the card, so the two can never differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, ModelError
+
+#: images with more pixels than this estimate percentiles from a regular subsample
+_PERCENTILE_SAMPLE_PIXELS = 1 << 20
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+METHODS = ("percentile", "minmax", "none")
+#: how an image's channels are brought to a model's input channels
+CHANNEL_POLICIES = ("native", "luminance", "replicate")
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-image, per-channel intensity scaling: ``low``/``high`` percentiles map to 0/1."""
+
+    method: str = "percentile"
+    low: float = 1.0
+    high: float = 99.8
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ModelError(
+                f"Unknown normalisation method {self.method!r}",
+                f"use one of {', '.join(METHODS)}",
+            )
+        if not 0.0 <= self.low < self.high <= 100.0:
+            raise ModelError(
+                f"Invalid normalisation percentiles low={self.low}, high={self.high}",
+                "they must satisfy 0 <= low < high <= 100",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Normalization:
+        return cls(**{k: d[k] for k in ("method", "low", "high") if k in d})
+
+
+def _subsample(x: np.ndarray) -> np.ndarray:
+    """A regular subsample of a 2D plane small enough for fast percentiles."""
+    n = x.shape[0] * x.shape[1]
+    step = max(1, int(np.ceil(np.sqrt(n / _PERCENTILE_SAMPLE_PIXELS))))
+    return x[::step, ::step]
+
+
+def normalize_channel(x: np.ndarray, norm: Normalization) -> np.ndarray:
+    """Normalise one 2D channel to float32; non-finite pixels become 0 (background)."""
+    x = np.asarray(x, dtype=np.float32)
+    finite = np.isfinite(x)
+    all_finite = bool(finite.all())
+    if norm.method == "none":
+        return x if all_finite else np.where(finite, x, 0.0).astype(np.float32)
+    sample = _subsample(x)
+    if not all_finite:
+        sample = sample[np.isfinite(sample)]
+        if sample.size == 0:
+            sample = x[finite]
+        if sample.size == 0:
+            raise InputError(
+                "The image has no finite pixel values (all NaN or infinite)",
+                "check the file or the step that produced it",
+            )
+    if norm.method == "percentile":
+        lo, hi = np.percentile(sample, [norm.low, norm.high])
+    else:
+        lo, hi = float(np.min(sample)), float(np.max(sample))
+    scale = float(hi - lo)
+    if not np.isfinite(scale) or scale <= 1e-12 * max(1.0, abs(float(hi))):
+        # constant (or nearly) image: nothing to segment, map to zeros rather than divide by 0
+        out = np.zeros_like(x, dtype=np.float32)
+    else:
+        out = (x - np.float32(lo)) * np.float32(1.0 / scale)
+    if not all_finite:
+        out[~finite] = 0.0
+    return out
+
+
+def convert_channels(image: np.ndarray, in_channels: int, policy: str = "native") -> np.ndarray:
+    """Bring a ``(Y, X)`` or ``(Y, X, C)`` image to a model's input channels as ``(C, Y, X)``.
+
+    ``luminance``: an RGB(A) image feeds a 1-channel model through its luminance (alpha dropped).
+    ``replicate``: a grey image feeds a 3-channel model by repeating it. ``native``: the image's
+    channels must match the model's, except that RGBA drops alpha and the two rules above apply
+    when they are the only way to make the counts match.
+    """
+    if policy not in CHANNEL_POLICIES:
+        raise ModelError(f"Unknown channel policy {policy!r}", f"use one of {CHANNEL_POLICIES}")
+    img = np.asarray(image)
+    if img.ndim == 2:
+        chans = img[None]
+    elif img.ndim == 3:
+        chans = np.moveaxis(img, -1, 0)
+    else:
+        raise InputError(
+            f"Expected a 2D image (Y, X) or (Y, X, C), got shape {img.shape}",
+            "pass one slice at a time",
+        )
+    c = chans.shape[0]
+    if c == 4 and in_channels != 4:
+        chans, c = chans[:3], 3  # RGBA: alpha carries no signal for segmentation
+    if c == in_channels:
+        return chans.astype(np.float32, copy=False)
+    if in_channels == 1 and c == 3:
+        return np.tensordot(_LUMA, chans.astype(np.float32), axes=1)[None]
+    if in_channels == 3 and c == 1:
+        return np.repeat(chans.astype(np.float32, copy=False), 3, axis=0)
+    if in_channels == 1 and c > 1:
+        raise ModelError(
+            f"The model takes 1 channel but the image has {c}",
+            "pick one channel of the image (split channels in napari) or fine-tune a "
+            f"{c}-channel model",
+        )
+    raise ModelError(
+        f"The model takes {in_channels} channel(s) but the image has {c}",
+        "use a model trained for this kind of image, or fine-tune one on it",
+    )
+
+
+def prepare_image(
+    image: np.ndarray,
+    in_channels: int,
+    norm: Normalization,
+    policy: str = "native",
+) -> np.ndarray:
+    """Channel conversion then normalisation: the exact model input ``(C, Y, X)`` float32."""
+    chans = convert_channels(image, in_channels, policy)
+    return np.stack([normalize_channel(ch, norm) for ch in chans]).astype(np.float32, copy=False)
