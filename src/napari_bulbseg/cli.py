@@ -1,0 +1,438 @@
+"""``bulbseg``: the headless command line — predict, evaluate, train, info, demo. No Qt."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import BulbsegError, CancelledError, InputError
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+
+
+# --------------------------------------------------------------------------- progress display
+
+
+class ProgressBar:
+    """A dependency-free progress bar on stderr; plain periodic lines when not a terminal."""
+
+    def __init__(self, label: str, stream: Any = None, width: int = 30) -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start = time.perf_counter()
+        self._last_decile = -1
+
+    def update(self, done: int, total: int, message: str = "") -> None:
+        frac = 1.0 if total <= 0 else min(1.0, done / total)
+        elapsed = time.perf_counter() - self.start
+        eta = (elapsed / frac - elapsed) if frac > 0 else float("nan")
+        if self.tty:
+            n = int(frac * self.width)
+            bar = "#" * n + "-" * (self.width - n)
+            self.stream.write(
+                f"\r{self.label} [{bar}] {100 * frac:5.1f}% {elapsed:6.1f}s eta {eta:5.0f}s {message[:40]:<40}"
+            )
+            self.stream.flush()
+        else:
+            decile = int(frac * 10)
+            if decile != self._last_decile:
+                self._last_decile = decile
+                self.stream.write(f"{self.label}: {100 * frac:3.0f}% ({elapsed:.1f}s) {message}\n")
+                self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _run_with_bar(gen: Any, label: str) -> Any:
+    from .events import Progress, TrainProgress, drain
+
+    bar = ProgressBar(label)
+
+    def show(ev: Any) -> None:
+        if isinstance(ev, Progress):
+            bar.update(ev.done, ev.total, ev.message)
+        elif isinstance(ev, TrainProgress):
+            extra = f"loss {ev.loss:.4f}"
+            if ev.val_dice is not None:
+                extra += f" val Dice {ev.val_dice:.4f}"
+            bar.update(ev.step, ev.total_steps, extra)
+
+    try:
+        return drain(gen, show)
+    finally:
+        bar.close()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _collect_inputs(paths: Sequence[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise InputError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in folder {p}",
+                                 "point at a folder of TIFF/PNG/JPEG images")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise InputError(f"No such file or folder: {p}", "check the path")
+    return files
+
+
+def _load_model(spec: str, device: str) -> Any:
+    """``bundled``, a registry version id, or a model folder."""
+    from .inference import select_device
+    from .model import load_model
+
+    dev = select_device(device)
+    if spec in ("bundled", "default"):
+        from .model import bundled_model_dir
+
+        return load_model(bundled_model_dir(), device=dev)
+    p = Path(spec)
+    if p.exists() or os.sep in spec or spec.endswith((".json", ".safetensors", ".pt", ".pth")):
+        return load_model(p, device=dev)
+    from .registry import Registry
+
+    return Registry().load(spec, device=dev)
+
+
+def _postprocess_from(args: argparse.Namespace, card: Any) -> Any:
+    from .postprocess import PostProcess
+
+    d = dict(card.postprocess or {})
+    d["threshold"] = card.threshold if args.threshold is None else args.threshold
+    if args.min_size is not None:
+        d["min_size"] = args.min_size
+    if args.keep_largest is not None:
+        d["keep_largest"] = args.keep_largest
+    if args.fill_holes is not None:
+        d["fill_holes"] = args.fill_holes
+    return PostProcess.from_dict(d)
+
+
+def _add_predict_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="bundled",
+                   help="'bundled' (default), a model folder, or a registry version id")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, mps, cpu")
+    p.add_argument("--tile", type=int, default=None, help="largest tile side in pixels")
+    p.add_argument("--overlap", type=int, default=None, help="overlap between tiles in pixels")
+    p.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass")
+    p.add_argument("--tta", action="store_true", help="average over flips and 90° rotations")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="probability threshold (default: the model card's validated threshold)")
+    p.add_argument("--min-size", type=int, default=None, help="remove objects smaller than this")
+    p.add_argument("--keep-largest", type=int, default=None,
+                   help="keep the N largest objects per slice (0 = all)")
+    p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=None)
+
+
+def _predict_options(args: argparse.Namespace) -> Any:
+    from .inference import PredictOptions
+
+    kw: dict[str, Any] = {"device": args.device, "tta": args.tta}
+    for name in ("tile", "overlap", "batch_size"):
+        v = getattr(args, name)
+        if v is not None:
+            kw[name] = v
+    return PredictOptions(**kw)
+
+
+def _predict_one(path: Path, loaded: Any, options: Any, label: str) -> tuple[Any, Any]:
+    """Read one stack and predict it; returns (stack, probabilities)."""
+    from .inference import iter_predict
+    from .io import read_stack
+
+    stack = read_stack(path)
+    prob = _run_with_bar(iter_predict(loaded, stack, options), label)
+    return stack, prob
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .io import write_mask, write_tiff
+    from .postprocess import postprocess_stack
+
+    files = _collect_inputs(args.inputs)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = _load_model(args.model, args.device)
+    spec = _postprocess_from(args, loaded.card)
+    options = _predict_options(args)
+    print(f"model {loaded.name} on {loaded.device}; {spec}", file=sys.stderr)
+    for i, f in enumerate(files, 1):
+        stack, prob = _predict_one(f, loaded, options, f"[{i}/{len(files)}] {f.name}")
+        mask = postprocess_stack(prob, spec)
+        stem = _stem(f)
+        meta = {"pixel_size": stack.pixel_size, "unit": stack.unit or "µm"}
+        if not args.no_prob:
+            write_tiff(out / f"{stem}_prob.tif", prob.astype("float32"), axes="ZYX", **meta)
+        mp = write_mask(out / f"{stem}_mask.tif", mask, pixel_size=stack.pixel_size)
+        print(f"{f.name}: {int(mask.sum())} foreground pixels -> {mp}")
+    return 0
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suf in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return path.stem
+
+
+def _strip_pred_suffix(stem: str) -> str:
+    for suf in ("_mask", "_pred", "_prediction"):
+        if stem.endswith(suf):
+            return stem[: -len(suf)]
+    return stem
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .io import read_mask
+    from .metrics import stack_metrics, write_metrics_csv
+
+    preds = {_strip_pred_suffix(_stem(p)): p for p in _collect_inputs([args.pred])}
+    truths = {_stem(p): p for p in _collect_inputs([args.truth])}
+    common = sorted(set(preds) & set(truths))
+    if not common:
+        raise InputError(
+            f"No prediction in {args.pred} matches a truth file in {args.truth} by name",
+            "name predictions like the truth files (a '_mask' suffix is ignored)",
+        )
+    missing = sorted(set(truths) - set(preds))
+    if missing:
+        print(f"warning: {len(missing)} truth file(s) have no prediction, e.g. {missing[0]}",
+              file=sys.stderr)
+    t_planes, p_planes, names = [], [], []
+    for stem in common:
+        t, p = read_mask(truths[stem]), read_mask(preds[stem])
+        t = t[None] if t.ndim == 2 else t
+        p = p[None] if p.ndim == 2 else p
+        if t.shape != p.shape:
+            raise InputError(
+                f"{stem}: prediction shape {p.shape} differs from truth shape {t.shape}",
+                "predict on the same images the truth was drawn on",
+            )
+        for z in range(t.shape[0]):
+            t_planes.append(t[z])
+            p_planes.append(p[z])
+            names.append(stem if t.shape[0] == 1 else f"{stem}[{z}]")
+    shapes = {a.shape for a in t_planes}
+    if len(shapes) == 1:
+        result = stack_metrics(np.stack(t_planes), np.stack(p_planes), match_iou=args.match_iou)
+    else:
+        result = _metrics_ragged(t_planes, p_planes, args.match_iou)
+    _print_metrics(result, names)
+    if args.csv:
+        print(f"CSV written to {write_metrics_csv(args.csv, result)}")
+    return 0
+
+
+def _metrics_ragged(t_planes: list, p_planes: list, match_iou: float) -> Any:
+    """Stack metrics over images of different sizes: pool per-slice metrics."""
+    from .metrics import StackMetrics, slice_metrics
+
+    per = [slice_metrics(t, p, index=i, match_iou=match_iou)
+           for i, (t, p) in enumerate(zip(t_planes, p_planes))]
+    return StackMetrics.from_slices(per)
+
+
+def _print_metrics(result: Any, names: Sequence[str] | None = None) -> None:
+    head = f"{'slice':<40} {'Dice':>7} {'IoU':>7} {'px err':>8} {'hits':>5} {'miss':>5} {'FP':>5}"
+    print(head)
+    for m in result.per_slice:
+        name = names[m.index] if names and m.index < len(names) else str(m.index)
+        print(f"{name[:40]:<40} {m.dice:7.4f} {m.iou:7.4f} {m.pixel_error:8.5f} "
+              f"{m.hits:5d} {m.misses:5d} {m.false_positives:5d}")
+    s = result.summary
+    print(f"{'pooled (all pixels, all objects)':<40} {s.dice:7.4f} {s.iou:7.4f} "
+          f"{s.pixel_error:8.5f} {s.hits:5d} {s.misses:5d} {s.false_positives:5d}")
+    mean = result.mean
+    print(f"{'mean of slices':<40} {mean.dice:7.4f} {mean.iou:7.4f} {mean.pixel_error:8.5f}")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    loaded = _load_model(args.model, "cpu")
+    card = loaded.card
+    print(f"model      {loaded.name}   ({loaded.path})")
+    print(f"arch       {card.architecture}")
+    print(f"input      {card.in_channels} channel(s), policy {card.channel_policy}, "
+          f"normalisation {card.normalization}")
+    print(f"threshold  {card.threshold} (post-processing {card.postprocess})")
+    print(f"parent     {card.parent}   created {card.created}")
+    if card.metrics:
+        print(f"metrics    {json.dumps(card.metrics)}")
+    print(f"weights    {card.weights.get('dtype')} sha256 {card.weights.get('sha256')}")
+    if args.json:
+        print(card.to_json())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data import samples_from_folders
+    from .registry import Registry
+    from .training import TrainConfig, iter_train
+
+    kw: dict[str, Any] = {"loss": args.loss, "seed": args.seed, "device": args.device}
+    for name in ("epochs", "batch_size", "patch_size", "lr", "steps_per_epoch"):
+        v = getattr(args, name)
+        if v is not None:
+            kw[name] = v
+    if args.time_budget is not None:
+        kw["time_budget_s"] = args.time_budget
+    config = TrainConfig(**kw)
+    samples = samples_from_folders(args.images, args.masks)
+    val = None
+    if args.val_images or args.val_masks:
+        if not (args.val_images and args.val_masks):
+            raise InputError("--val-images and --val-masks go together", "give both or neither")
+        val = samples_from_folders(args.val_images, args.val_masks)
+    base = _load_model(args.base, args.device) if args.base else None
+    registry = Registry()
+    print(f"training on {len(samples)} image(s)"
+          + (f", validating on {len(val)}" if val else " (validation split fixed by content hash)")
+          + (f", from {base.name}" if base else " from scratch"), file=sys.stderr)
+    result = _run_with_bar(
+        iter_train(config, samples, val_samples=val, base=base, name=args.name, registry=registry),
+        "train",
+    )
+    print(result.summary() if hasattr(result, "summary") else result)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .io import read_stack, write_mask, write_tiff
+    from .metrics import write_metrics_csv
+    from .overview import save_overview
+    from .postprocess import PostProcess, difference_map, postprocess_stack
+
+    sample = Path(__file__).parent / "sample"
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = _load_model(args.model, args.device)
+    stack = read_stack(sample / "bbbc039_sample.tif")
+    truth = read_stack(sample / "bbbc039_sample_mask.tif").data
+    truth = (truth > 0).astype("uint8")
+    print(f"demo: {stack.n_slices} BBBC039 validation slices {stack.shape[1:]} "
+          f"with model {loaded.name} on {loaded.device}", file=sys.stderr)
+    from .inference import PredictOptions, iter_predict
+
+    prob = _run_with_bar(iter_predict(loaded, stack, PredictOptions(device=args.device)), "predict")
+    spec = PostProcess.from_dict({**(loaded.card.postprocess or {}),
+                                  "threshold": loaded.card.threshold})
+    mask = postprocess_stack(prob, spec)
+    from .metrics import stack_metrics
+
+    result = stack_metrics(truth, mask)
+    _print_metrics(result)
+    write_tiff(out / "probabilities.tif", prob.astype("float32"), axes="ZYX")
+    write_mask(out / "mask.tif", mask)
+    write_metrics_csv(out / "metrics.csv", result)
+    png = save_overview(out / "overview.png", stack.data, mask, difference_map(truth, mask))
+    print(f"threshold {spec.threshold:.2f}; wrote {out}/probabilities.tif, mask.tif, metrics.csv, "
+          f"{png.name}")
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bulbseg", description="U-Net segmentation of microscopy stacks")
+    ap.add_argument("--version", action="version", version=f"napari-bulbseg {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="predict probability and mask TIFFs for images or folders")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--no-prob", action="store_true", help="do not write probability TIFFs")
+    _add_predict_options(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="compare predicted masks with ground truth")
+    p.add_argument("--pred", required=True, help="folder (or file) of predicted masks")
+    p.add_argument("--truth", required=True, help="folder (or file) of ground-truth masks")
+    p.add_argument("--csv", default=None, help="write per-slice and summary metrics here")
+    p.add_argument("--match-iou", type=float, default=0.5, help="IoU above which objects match")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("train", help="train or fine-tune a model; writes a new version")
+    p.add_argument("--images", required=True)
+    p.add_argument("--masks", required=True)
+    p.add_argument("--val-images")
+    p.add_argument("--val-masks")
+    p.add_argument("--from", dest="base", default=None,
+                   help="fine-tune this model ('bundled', a folder or a version id)")
+    p.add_argument("--name", default="model")
+    p.add_argument("--loss", default="focal+dice", help="bce, focal, dice or focal+dice")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--time-budget", type=float, help="stop after this many seconds")
+    p.add_argument("--steps-per-epoch", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--patch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("info", help="show a model's card")
+    p.add_argument("model", nargs="?", default="bundled")
+    p.add_argument("--json", action="store_true", help="also print the whole card")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="segment the bundled sample with the bundled model")
+    p.add_argument("-o", "--output", default="bulbseg-demo", help="output folder")
+    p.add_argument("--model", default="bundled")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CancelledError as e:
+        print(f"bulbseg: cancelled: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("bulbseg: cancelled; no partial output was written as complete", file=sys.stderr)
+        return 130
+    except BulbsegError as e:
+        if args.debug:
+            raise
+        print(f"bulbseg: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if args.debug:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"bulbseg: error: {e.strerror or e}{where} — check the path, its permissions and "
+              "free disk space", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The engine must stay headless: importing it loads neither Qt nor napari."""
+
+import subprocess
+import sys
+
+ENGINE = [
+    "napari_bulbseg",
+    "napari_bulbseg.errors",
+    "napari_bulbseg.events",
+    "napari_bulbseg.normalize",
+    "napari_bulbseg.model",
+    "napari_bulbseg.io",
+    "napari_bulbseg.tiling",
+    "napari_bulbseg.inference",
+    "napari_bulbseg.postprocess",
+    "napari_bulbseg.metrics",
+    "napari_bulbseg.phantom",
+    "napari_bulbseg.losses",
+    "napari_bulbseg.data",
+    "napari_bulbseg.training",
+    "napari_bulbseg.registry",
+    "napari_bulbseg.overview",
+    "napari_bulbseg.cli",
+]
+
+
+def test_engine_imports_no_qt_or_napari():
+    code = (
+        "import importlib, sys, json\n"
+        f"for m in {ENGINE!r}: importlib.import_module(m)\n"
+        "bad = sorted(k for k in sys.modules if k.split('.')[0] in "
+        "('qtpy','PyQt5','PyQt6','PySide2','PySide6','napari','magicgui','vispy','matplotlib'))\n"
+        "print(json.dumps(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_package_import_is_light():
+    code = (
+        "import sys, napari_bulbseg\n"
+        "print(napari_bulbseg.__version__, 'torch' in sys.modules, 'numpy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    version, torch_loaded, numpy_loaded = out.stdout.split()
+    assert version.count(".") == 2
+    assert torch_loaded == "False" and numpy_loaded == "False"
+
+
+def test_no_pickle_paths_in_package():
+    import pathlib
+    import re
+
+    import napari_bulbseg
+
+    pkg = pathlib.Path(napari_bulbseg.__file__).parent
+    pat = re.compile(r"torch\.load\(|pickle\.loads?\(|^\s*import pickle|weights_only\s*=\s*False", re.M)
+    hits = [str(p) for p in pkg.rglob("*.py") if pat.search(p.read_text(encoding="utf-8"))]
+    assert hits == []
