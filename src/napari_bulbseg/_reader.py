@@ -1,0 +1,126 @@
+"""npe2 reader: a TIFF stack as an Image layer, plus its mask partner as a Labels layer.
+
+A thin wrapper over :func:`napari_bulbseg.io.read_stack`: big files stay lazy, the physical
+pixel size becomes the layer scale, and an image's ground truth — ``NAME_mask.tif`` beside it,
+or ``masks/NAME.tif`` next to an ``images/`` folder — is offered as a Labels layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from napari.utils.notifications import show_error
+
+from .errors import BulbsegError
+
+LayerData = tuple[Any, dict[str, Any], str]
+SUFFIXES = (".tif", ".tiff")
+MASK_SUFFIXES = ("_mask", "_masks", "-mask", "_gt", "_labels")
+GT_SUFFIX = " ground truth"
+
+
+def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
+    """Return :func:`read_tiff` when ``path`` is a TIFF file (or a list of them), else ``None``."""
+    paths = [path] if isinstance(path, str | Path) else list(path)
+    if not paths or not all(str(p).lower().endswith(SUFFIXES) for p in paths):
+        return None
+    return read_tiff
+
+
+def is_mask_name(path: Path) -> bool:
+    """True for files named like a mask (``*_mask.tif``) or kept in a ``masks/`` folder."""
+    stem = path.stem.lower()
+    return stem.endswith(MASK_SUFFIXES) or path.parent.name.lower() in ("masks", "labels")
+
+
+def find_mask_partner(path: str | Path) -> Path | None:
+    """The ground-truth mask belonging to image ``path``, if one exists on disk."""
+    path = Path(path)
+    candidates = [path.with_name(path.stem + s + ext) for s in MASK_SUFFIXES for ext in SUFFIXES]
+    for folder in ("masks", "labels"):
+        for base in (path.parent.parent, path.parent):
+            candidates += [base / folder / (path.stem + ext) for ext in SUFFIXES]
+            candidates += [base / folder / (path.stem + "_mask" + ext) for ext in SUFFIXES]
+    for c in candidates:
+        if c.is_file() and c.resolve() != path.resolve():
+            return c
+    return None
+
+
+def _scale(stack: Any) -> tuple[float, ...] | None:
+    if stack.pixel_size is None:
+        return None
+    z = float(stack.z_spacing) if stack.z_spacing else 1.0
+    return (z, *map(float, stack.pixel_size))
+
+
+def image_layer_data(path: str | Path) -> LayerData:
+    """Read one TIFF stack as napari Image layer data (lazy when big)."""
+    from . import io
+
+    stack = io.read_stack(path)
+    meta: dict[str, Any] = {
+        "name": Path(path).stem,
+        "rgb": bool(stack.rgb),
+        "metadata": {
+            "bulbseg_path": str(Path(path).resolve()),
+            "bulbseg_source_axes": stack.source_axes,
+            "bulbseg_unit": stack.unit,
+            "bulbseg_lazy": bool(stack.lazy),
+        },
+    }
+    scale = _scale(stack)
+    if scale is not None:
+        meta["scale"] = scale
+        meta["units"] = stack.unit or "pixel"
+    return stack.data, meta, "image"
+
+
+def mask_layer_data(path: str | Path, name: str, scale: Any = None) -> LayerData:
+    """Read a binary mask stack as napari Labels layer data."""
+    from . import io
+
+    mask = io.read_mask(path)
+    if mask.ndim == 2:
+        mask = mask[None]
+    meta: dict[str, Any] = {"name": name, "metadata": {"bulbseg_path": str(path)}, "opacity": 0.5}
+    if scale is not None:
+        meta["scale"] = scale
+    return mask, meta, "labels"
+
+
+def _units_safe(meta: dict[str, Any]) -> dict[str, Any]:
+    """Drop a unit napari (pint) cannot parse rather than fail the whole read."""
+    unit = meta.get("units")
+    if unit is None:
+        return meta
+    try:
+        import pint
+
+        pint.get_application_registry().Unit(unit.replace("µ", "u").replace("μ", "u"))
+        meta["units"] = unit.replace("µ", "u").replace("μ", "u")
+    except Exception:
+        meta.pop("units", None)
+    return meta
+
+
+def read_tiff(path: str | list[str]) -> list[LayerData]:
+    """Read TIFF file(s); an image's mask partner comes along as a Labels layer."""
+    paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
+    layers: list[LayerData] = []
+    try:
+        for p in paths:
+            if is_mask_name(p):
+                layers.append(mask_layer_data(p, p.stem))
+                continue
+            data, meta, kind = image_layer_data(p)
+            layers.append((data, _units_safe(meta), kind))
+            partner = find_mask_partner(p)
+            if partner is not None and not any(Path(q) == partner for q in paths):
+                layers.append(mask_layer_data(partner, p.stem + GT_SUFFIX, meta.get("scale")))
+    except BulbsegError as e:
+        show_error(str(e))
+        return []
+    return layers
