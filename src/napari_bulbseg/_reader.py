@@ -11,9 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from napari.utils.notifications import show_error
+import numpy as np
+from napari.utils.notifications import show_error, show_info
 
-from .errors import BulbsegError
+from .errors import BulbsegError, InputError
 
 LayerData = tuple[Any, dict[str, Any], str]
 SUFFIXES = (".tif", ".tiff")
@@ -49,18 +50,22 @@ def find_mask_partner(path: str | Path) -> Path | None:
     return None
 
 
-def _scale(stack: Any) -> tuple[float, ...] | None:
-    if stack.pixel_size is None:
+def _scale(stack: Any, two_d: bool) -> tuple[float, ...] | None:
+    if stack.pixel_size is None and stack.z_spacing is None:
         return None
-    z = float(stack.z_spacing) if stack.z_spacing else 1.0
-    return (z, *map(float, stack.pixel_size))
+    scale = tuple(float(v) for v in stack.scale)
+    return scale[1:] if two_d else scale
 
 
 def image_layer_data(path: str | Path) -> LayerData:
-    """Read one TIFF stack as napari Image layer data (lazy when big)."""
+    """Read one TIFF stack as napari Image layer data (lazy when big; 2D when one slice)."""
     from . import io
 
     stack = io.read_stack(path)
+    two_d = stack.n_slices == 1
+    data = stack.plane(0) if two_d else stack.data
+    if stack.notes:
+        show_info(f"{Path(path).name}: " + "; ".join(stack.notes))
     meta: dict[str, Any] = {
         "name": Path(path).stem,
         "rgb": bool(stack.rgb),
@@ -71,20 +76,25 @@ def image_layer_data(path: str | Path) -> LayerData:
             "bulbseg_lazy": bool(stack.lazy),
         },
     }
-    scale = _scale(stack)
+    scale = _scale(stack, two_d)
     if scale is not None:
         meta["scale"] = scale
         meta["units"] = stack.unit or "pixel"
-    return stack.data, meta, "image"
+    return data, meta, "image"
 
 
 def mask_layer_data(path: str | Path, name: str, scale: Any = None) -> LayerData:
     """Read a binary mask stack as napari Labels layer data."""
     from . import io
 
-    mask = io.read_mask(path)
-    if mask.ndim == 2:
-        mask = mask[None]
+    try:
+        mask = io.read_mask(path)
+    except InputError:  # instance labels rather than a binary mask: show them as they are
+        stack = io.read_stack(path, lazy=False)
+        mask = np.asarray(stack.data)
+        mask = mask[0] if mask.shape[0] == 1 else mask
+        if mask.dtype.kind not in "iu":
+            raise
     meta: dict[str, Any] = {"name": name, "metadata": {"bulbseg_path": str(path)}, "opacity": 0.5}
     if scale is not None:
         meta["scale"] = scale

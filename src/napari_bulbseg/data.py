@@ -57,21 +57,6 @@ def fingerprint(image: np.ndarray, mask: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _as_mask(mask: Any, what: str) -> np.ndarray:
-    m = np.asarray(mask)
-    if m.dtype == bool:
-        return m.astype(np.uint8)
-    values = np.unique(m)
-    if not set(values.tolist()) <= {0, 1}:
-        if set(values.tolist()) <= {0, 1, 255}:
-            return (m > 0).astype(np.uint8)
-        raise InputError(
-            f"{what} is not a binary mask (values {values[:6].tolist()}…)",
-            "masks hold 0 for background and 1 (or 255) for foreground",
-        )
-    return m.astype(np.uint8, copy=False)
-
-
 def make_sample(image: Any, mask: Any, source: str = "") -> Sample:
     """Validate one image/mask pair and fingerprint it."""
     img = np.asarray(image)
@@ -80,7 +65,9 @@ def make_sample(image: Any, mask: Any, source: str = "") -> Sample:
             f"Training image {source or ''} has shape {img.shape}",
             "give a 2D image (Y, X) or (Y, X, C)",
         )
-    m = _as_mask(mask, f"The mask of {source or 'a training image'}")
+    from .io import to_binary_mask
+
+    m = to_binary_mask(mask, f"The mask of {source or 'a training image'}")
     if m.shape != img.shape[:2]:
         raise InputError(
             f"Mask shape {m.shape} does not match image shape {img.shape[:2]}"
@@ -90,31 +77,17 @@ def make_sample(image: Any, mask: Any, source: str = "") -> Sample:
     return Sample(image=img, mask=m, key=fingerprint(img, m), source=source)
 
 
-def _read_pair(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        from . import io as bio
-    except ImportError:  # TEMP until io.py lands
-        import skimage.io
-        import tifffile
-
-        rd = lambda p: tifffile.imread(p) if p.suffix.lower() in (".tif", ".tiff") else skimage.io.imread(p)  # noqa
-        return rd(image_path), (rd(mask_path) > 0).astype(np.uint8)
-    return bio.read_image(image_path), bio.read_mask(mask_path)
-
-
 def samples_from_folders(
     images_dir: str | os.PathLike, masks_dir: str | os.PathLike | None = None
 ) -> list[Sample]:
-    """Every image/mask pair of a folder (matched by file stem, see ``io.list_pairs``)."""
-    try:
-        from . import io as bio
+    """Every image/mask pair of a dataset (matched by file stem, see ``io.list_pairs``).
 
-        pairs = bio.list_pairs(images_dir, masks_dir)
-    except ImportError:  # TEMP until io.py lands
-        idir = Path(images_dir)
-        mdir = Path(masks_dir) if masks_dir else idir.parent / "masks"
-        ms = {p.stem: p for p in mdir.iterdir()}
-        pairs = [(p, ms[p.stem]) for p in sorted(idir.iterdir()) if p.stem in ms]
+    ``masks_dir=None``: ``images_dir`` holds ``images/`` and ``masks/``. The keys depend on the
+    pixels only, not on file names or locations.
+    """
+    from . import io as bio
+
+    pairs = bio.list_pairs(images_dir, masks_dir)
     if not pairs:
         raise InputError(
             f"No image/mask pairs found in {images_dir}",
@@ -122,7 +95,7 @@ def samples_from_folders(
         )
     samples = []
     for ip, mp in pairs:
-        img, m = _read_pair(Path(ip), Path(mp))
+        img, m = bio.read_image(ip), bio.read_mask(mp)
         samples.append(make_sample(img, m, source=Path(ip).name))
     return samples
 

@@ -32,6 +32,7 @@ __all__ = [
     "DIFF_TP",
     "STRUCTURE",
     "PostProcess",
+    "as_bool_mask",
     "count_objects",
     "difference_map",
     "fill_holes",
@@ -65,8 +66,7 @@ DIFF_COLORS: dict[int, tuple[float, float, float, float]] = {
     DIFF_FP: (1.0, 0.0, 1.0, 1.0),
     DIFF_FN: (0.0, 0.9, 0.3, 1.0),
 }
-# (truth, pred) -> code, indexed by truth + 2 * pred
-_DIFF_LUT = np.array([DIFF_TN, DIFF_FN, DIFF_FP, DIFF_TP], dtype=np.uint8)
+
 
 _FLOAT16_INF_BITS = 0x7C00
 _PROB_DTYPES = "float16, float32, float64 or uint8 (p * 255)"
@@ -148,7 +148,7 @@ def _check_prob_dtype(dtype: np.dtype) -> None:
 
 
 def to_float_prob(prob: Any) -> np.ndarray:
-    """Probabilities as floats in [0, 1]: float16/32/64 returned as is, uint8 as float32 ``/ 255``."""
+    """Probabilities as floats in [0, 1]: float16/32/64 as they are, uint8 as float32 ``/ 255``."""
     arr = np.asarray(prob)
     _check_prob_dtype(arr.dtype)
     if arr.dtype == np.uint8:
@@ -189,3 +189,192 @@ def threshold_prob(prob: Any, threshold: float) -> np.ndarray:
     if arr.dtype == np.float32:
         return arr >= _smallest_at_least(t, np.float32)
     return arr >= t
+
+
+def as_bool_mask(mask: Any, name: str = "mask") -> np.ndarray:
+    """A mask as a boolean array: any non-zero value is foreground (so 0/1 and 0/255 both work)."""
+    arr = np.asarray(mask)
+    if arr.dtype == bool:
+        return arr
+    if arr.dtype.kind not in "uif":
+        raise InputError(
+            f"The {name} has type {arr.dtype}, not a number type",
+            "use a uint8 mask with 0 for background and 1 (or 255) for foreground",
+        )
+    return arr != 0
+
+
+def _check_2d(arr: np.ndarray, name: str) -> None:
+    if arr.ndim != 2:
+        raise InputError(
+            f"Expected one 2D slice for the {name}, got an array of shape {arr.shape}",
+            "pass a single (Y, X) plane, e.g. stack[z]",
+        )
+
+
+def _check_same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    if a.shape != b.shape:
+        raise InputError(
+            f"{what}: shapes differ, {a.shape} vs {b.shape}",
+            "compare a mask with a prediction of the same image (same slices, same size)",
+        )
+
+
+def _bbox(mask: np.ndarray) -> tuple[slice, slice] | None:
+    """Slices of the bounding box of the foreground of a 2D mask, or None when it is empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+def label_objects(mask2d: Any) -> tuple[np.ndarray, int]:
+    """Label the 8-connected objects of a 2D mask: ``(labels int32, n_objects)``.
+
+    Labels are numbered in raster order of each object's first pixel (top row, then left).
+    """
+    m = as_bool_mask(mask2d)
+    _check_2d(m, "mask")
+    labels, n = ndi.label(m, structure=STRUCTURE)
+    return labels, int(n)
+
+
+def _fill_holes_inplace(m: np.ndarray) -> None:
+    """Fill holes of a 2D boolean mask in place (same result as ``ndi.binary_fill_holes``).
+
+    Works on the foreground's bounding box padded by one background pixel: background that
+    cannot reach the pad through 4-connected background is a hole. One labelling of the
+    background is several times faster than ``binary_fill_holes``' iterated dilation.
+    """
+    box = _bbox(m)
+    if box is None:
+        return
+    crop = m[box]
+    background = np.pad(~crop, 1, constant_values=True)
+    labels, n = ndi.label(background, structure=_BACKGROUND_STRUCTURE)
+    if n <= 1:  # only the outside: no holes
+        return
+    # foreground has label 0 and holes have labels other than the outside's: both become True
+    np.not_equal(labels[1:-1, 1:-1], labels[0, 0], out=crop)
+
+
+def fill_holes(mask2d: Any) -> np.ndarray:
+    """A copy of a 2D mask with enclosed background (4-connected holes) filled; boolean."""
+    m = as_bool_mask(mask2d).copy()
+    _check_2d(m, "mask")
+    _fill_holes_inplace(m)
+    return m
+
+
+def _filter_objects_inplace(m: np.ndarray, min_size: int, keep_largest: int) -> None:
+    """Remove objects below ``min_size`` pixels, then keep the ``keep_largest`` largest."""
+    labels, n = ndi.label(m, structure=STRUCTURE)
+    if n == 0:
+        return
+    # counting only foreground pixels avoids bincount's slow path of millions of hits on bin 0
+    sizes = np.bincount(labels[m], minlength=n + 1)
+    keep = sizes >= max(min_size, 1)
+    keep[0] = False
+    if keep_largest and np.count_nonzero(keep) > keep_largest:
+        # stable sort: equal sizes keep label (raster) order, so the first-seen object wins
+        order = np.argsort(-sizes[1:], kind="stable") + 1
+        winners = order[keep[order]][:keep_largest]
+        keep[:] = False
+        keep[winners] = True
+    kept = np.flatnonzero(keep)
+    if kept.size == n:
+        return
+    if kept.size <= 4:  # a few equality tests beat a gather over the whole image
+        m[...] = False
+        for lab in kept:
+            m |= labels == lab
+    else:
+        m[...] = keep[labels]
+
+
+def postprocess_slice(prob2d: Any, spec: PostProcess) -> np.ndarray:
+    """Threshold one 2D probability slice and apply the object steps of ``spec``; uint8 {0, 1}."""
+    arr = np.asarray(prob2d)
+    _check_2d(arr, "probabilities")
+    m = threshold_prob(arr, spec.threshold)
+    if spec.needs_labels:
+        box = _bbox(m)
+        if box is not None:
+            crop = m[box]  # all work happens inside the foreground's bounding box
+            if spec.fill_holes:
+                _fill_holes_inplace(crop)
+            if spec.min_size > 1 or spec.keep_largest > 0:
+                _filter_objects_inplace(crop, spec.min_size, spec.keep_largest)
+    return m.view(np.uint8)
+
+
+def postprocess_stack(prob: Any, spec: PostProcess, out: np.ndarray | None = None) -> np.ndarray:
+    """Post-process every slice of a ``(Z, Y, X)`` probability stack; uint8 {0, 1} ``(Z, Y, X)``.
+
+    ``prob`` may be any array-like that yields one plane per ``prob[z]`` (a memmap, a lazy
+    stack); a 2D array is treated as one slice. ``out`` (e.g. a memmap) receives the result;
+    it must be uint8 with shape ``(Z, Y, X)``.
+    """
+    shape = tuple(getattr(prob, "shape", np.shape(prob)))
+    if len(shape) == 2:
+        prob = np.asarray(prob)[np.newaxis]
+        shape = (1, *shape)
+    if len(shape) != 3:
+        raise InputError(
+            f"Expected a (Z, Y, X) probability stack, got shape {shape}",
+            "pass one probability value per pixel and slice",
+        )
+    if out is None:
+        out = np.empty(shape, dtype=np.uint8)
+    elif tuple(out.shape) != shape or out.dtype != np.uint8:
+        raise InputError(
+            f"Output array has shape {tuple(out.shape)} and type {out.dtype}",
+            f"it must be uint8 with shape {shape}",
+        )
+    for z in range(shape[0]):
+        out[z] = postprocess_slice(prob[z], spec)
+    return out
+
+
+def count_objects(mask2d: Any) -> int:
+    """Number of 8-connected objects in a 2D mask."""
+    return label_objects(mask2d)[1]
+
+
+def object_prior_violations(mask: Any, expected_max: int) -> list[int]:
+    """Indices of the slices of a ``(Z, Y, X)`` mask holding more than ``expected_max`` objects.
+
+    For olfactory bulbs ``expected_max = 2``: a third object is almost always a false positive.
+    """
+    if isinstance(expected_max, bool) or not isinstance(expected_max, (int, np.integer)):
+        raise InputError(f"expected_max must be a whole number, got {expected_max!r}", "e.g. 2")
+    if expected_max < 0:
+        raise InputError(f"expected_max must be >= 0, got {expected_max}", "e.g. 2")
+    arr = np.asarray(mask)
+    if arr.ndim == 2:
+        arr = arr[np.newaxis]
+    if arr.ndim != 3:
+        raise InputError(
+            f"Expected a (Z, Y, X) mask, got shape {arr.shape}", "pass a stack of 2D masks"
+        )
+    return [z for z in range(arr.shape[0]) if count_objects(arr[z]) > expected_max]
+
+
+def difference_map(truth: Any, pred: Any) -> np.ndarray:
+    """Per-pixel agreement of two masks of the same shape, as uint8 codes.
+
+    ``DIFF_TN`` (0) background in both, ``DIFF_TP`` (1) foreground in both, ``DIFF_FP`` (2)
+    predicted but not true, ``DIFF_FN`` (3) true but missed. Colours: :data:`DIFF_COLORS`.
+    """
+    t = as_bool_mask(truth, "ground-truth mask")
+    p = as_bool_mask(pred, "prediction")
+    _check_same_shape(t, p, "Cannot compare the masks")
+    t8 = t.view(np.uint8)
+    p8 = p.view(np.uint8)
+    # (2p + 3t) & 3 maps (t, p) = (0,0)->0 TN, (1,1)->1 TP, (0,1)->2 FP, (1,0)->3 FN
+    code = np.left_shift(p8, 1)
+    code += t8
+    code += np.left_shift(t8, 1)
+    code &= 3
+    return code

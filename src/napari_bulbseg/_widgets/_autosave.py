@@ -1,0 +1,194 @@
+"""Autosave of corrections: a per-image folder in the user data dir, restored after a crash.
+
+Layout (``<home>/corrections/<image-stem>-<key>/``)::
+
+    corrections.tif   the corrections stack, 0/255 (written atomically by io.write_mask)
+    state.json        image name, source path, shape, reviewed slices, time of the save
+
+``<home>`` is ``$NAPARI_BULBSEG_HOME`` or the platform's user data dir. The key hashes the
+image's source path (or its layer name) and shape, so reopening the same file finds its edits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from napari.utils.notifications import show_warning
+from qtpy.QtCore import QTimer
+
+from . import _text as T
+from ._jobs import start_job
+
+STATE = "state.json"
+MASK = "corrections.tif"
+
+
+def bulbseg_home() -> Path:
+    env = os.environ.get("NAPARI_BULBSEG_HOME")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("napari-bulbseg", appauthor=False))
+
+
+def image_key(name: str, shape: tuple[int, ...], source: str | None = None) -> str:
+    """Folder name for an image: readable stem + hash of its source (or name) and shape."""
+    ident = f"{source or name}|{tuple(int(s) for s in shape)}"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source).stem if source else name)[:40]
+    return f"{stem}-{hashlib.sha1(ident.encode()).hexdigest()[:10]}"
+
+
+class CorrectionStore:
+    """Saved corrections and reviewed flags of one image."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], source: str | None = None) -> None:
+        self.name, self.shape, self.source = name, tuple(int(s) for s in shape), source
+        self.folder = bulbseg_home() / "corrections" / image_key(name, self.shape, source)
+
+    @property
+    def mask_path(self) -> Path:
+        return self.folder / MASK
+
+    def exists(self) -> bool:
+        return (self.folder / STATE).is_file() and self.mask_path.is_file()
+
+    def info(self) -> dict[str, Any]:
+        """The saved state (name, shape, reviewed, saved_at); empty when unreadable."""
+        try:
+            return json.loads((self.folder / STATE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def save(self, mask: np.ndarray, reviewed: set[int]) -> Path:
+        """Write the mask (atomic) then the state JSON (atomic)."""
+        from ..io import write_mask
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_mask(self.mask_path, (np.asarray(mask) > 0).astype(np.uint8))
+        state = {
+            "name": self.name,
+            "source": self.source,
+            "shape": list(self.shape),
+            "reviewed": sorted(int(z) for z in reviewed),
+            "saved_at": _dt.datetime.now().isoformat(timespec="seconds"),
+        }
+        fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=self.folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(state, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.folder / STATE)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return self.mask_path
+
+    def load(self) -> tuple[np.ndarray, set[int]]:
+        """The saved mask, shaped like the image, and the reviewed slices."""
+        from ..io import read_mask
+
+        mask = read_mask(self.mask_path)
+        if mask.ndim == 2 and len(self.shape) == 3:
+            mask = mask[None]
+        return mask.reshape(self.shape), {int(z) for z in self.info().get("reviewed", [])}
+
+
+class AutoSaver:
+    """Debounced background saving of a corrections layer (never loses a painted pixel).
+
+    ``touch()`` after every edit; the save runs ``delay_ms`` after the last one, on a copy of
+    the data, in a worker thread. A save requested while one runs is done right after it.
+    """
+
+    def __init__(
+        self,
+        store: CorrectionStore,
+        get_data: Any,
+        get_reviewed: Any,
+        delay_ms: int = 1000,
+        on_saved: Any = None,
+    ) -> None:
+        self.store, self._get_data, self._get_reviewed = store, get_data, get_reviewed
+        self._on_saved = on_saved
+        self._timer = QTimer()
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(delay_ms)
+        self._timer.timeout.connect(self.save_now)
+        self._worker: Any = None
+        self._pending = False
+        self._warned = False
+        self._crc: dict[int, int] = {}
+        self.saves = 0
+
+    def touch(self) -> None:
+        self._timer.start()
+
+    def maybe_changed(self, z: int) -> None:
+        """After an undo/redo (napari emits no paint event): save if slice ``z`` changed."""
+        data = self._get_data()
+        if data is not None and 0 <= z < data.shape[0] and self._crc.get(z) != _crc(data[z]):
+            self.touch()
+
+    def save_now(self) -> None:
+        data = self._get_data()
+        if data is None:
+            return
+        if self._worker is not None:
+            self._pending = True
+            return
+        snapshot = np.array(data, dtype=np.uint8, copy=True)
+        reviewed = set(self._get_reviewed())
+        self._worker = start_job(
+            self._save_job(snapshot, reviewed),
+            on_done=self._saved,
+            on_error=self._failed,
+            on_finish=self._finished,
+        )
+
+    def _save_job(self, snapshot: np.ndarray, reviewed: set[int]) -> Any:
+        path = self.store.save(snapshot, reviewed)
+        crc = {z: _crc(snapshot[z]) for z in range(snapshot.shape[0])}
+        yield
+        return path, crc
+
+    def _saved(self, res: tuple[Path, dict[int, int]]) -> None:
+        path, self._crc = res
+        self.saves += 1
+        self._warned = False
+        if self._on_saved is not None:
+            self._on_saved(path)
+
+    def _failed(self, error: BaseException) -> None:
+        if not self._warned:  # once per failure streak; the next edit tries again
+            show_warning(T.MSG_AUTOSAVE_FAIL.format(err=error))
+            self._warned = True
+
+    def _finished(self) -> None:
+        self._worker = None
+        if self._pending:
+            self._pending = False
+            self.save_now()
+
+    @property
+    def idle(self) -> bool:
+        return self._worker is None and not self._timer.isActive() and not self._pending
+
+    def stop(self) -> None:
+        self._timer.stop()
+
+
+def _crc(plane: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(plane, dtype=np.uint8).data)

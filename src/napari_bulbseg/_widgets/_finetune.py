@@ -1,0 +1,251 @@
+"""Fine-tune: one click trains the current model on the reviewed slices, in the background."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Generator
+from typing import Any
+
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FloatSpinBox,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
+from napari.utils import progress
+from napari.utils.notifications import show_info, show_warning
+
+from . import _text as T
+from ._jobs import start_job, user_message
+from ._layers import as_stack
+from ._models import get_registry
+from ._plot import CurvePlot
+from ._session import get_session
+
+LOSSES = ("focal+dice", "bce", "focal", "dice", "bce+dice")
+
+
+def _fmt(d: float | None) -> str:
+    return "—" if d is None else f"{d:.3f}"
+
+
+def finetune_job(
+    config: Any, samples: list, base: Any, registry: Any, cancel: threading.Event
+) -> Generator[Any, None, tuple[Any, Any, Any]]:
+    """Train, then measure the old and new model on the same validation slices."""
+    from ..model import LoadedModel
+    from ..training import evaluate_model, iter_train
+
+    result = yield from iter_train(config, samples, base=base, registry=registry, cancel=cancel)
+    val_keys = set(result.card.training.get("samples", {}).get("val", []))
+    val = [s for s in samples if s.key in val_keys]
+    before = evaluate_model(base, val) if val else None
+    after = evaluate_model(LoadedModel(result.model, result.card), val) if val else None
+    return result, before, after
+
+
+class FinetuneWidget(Container):
+    """Fine-tune on reviewed slices with live curves; save a version; re-predict or roll back."""
+
+    def __init__(self, viewer: Any) -> None:
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self._session = s = get_session(viewer)
+        self._worker: Any = None
+        self._cancel = threading.Event()
+        self._pbar: Any = None
+        self.result: Any = None
+        self.ready_lbl = Label(value=T.LBL_NEED_REVIEW)
+        self.loss = ComboBox(label="Loss", choices=LOSSES, value="focal+dice", tooltip=T.TIP_LOSS)
+        self.epochs = SpinBox(label="Epochs", value=10, min=1, max=1000, tooltip=T.TIP_EPOCHS)
+        self.steps = SpinBox(label="Steps/epoch", value=25, min=1, max=10000)
+        self.patch = SpinBox(label="Patch size", value=256, min=32, max=2048, step=32)
+        self.budget = FloatSpinBox(label="Time budget (min)", value=0.0, min=0.0, max=1440.0)
+        self.budget.tooltip = T.TIP_BUDGET
+        self.train_btn = PushButton(text=T.BTN_TRAIN)
+        self.cancel_btn = PushButton(text=T.BTN_CANCEL, enabled=False)
+        self.bar = ProgressBar(value=0, min=0, max=1000, visible=False, label="")
+        self.status = Label(value="")
+        self.plot = CurvePlot()
+        self.result_lbl = Label(value="")
+        self.repredict_btn = PushButton(text=T.BTN_REPREDICT, enabled=False)
+        self.rollback_btn = PushButton(text=T.BTN_ROLLBACK)
+        self.extend(
+            [
+                self.ready_lbl,
+                self.loss,
+                self.epochs,
+                self.steps,
+                self.patch,
+                self.budget,
+                self.train_btn,
+                self.cancel_btn,
+                self.bar,
+                self.status,
+            ]
+        )
+        self.native.layout().addWidget(self.plot)
+        self.extend([self.result_lbl, self.repredict_btn, self.rollback_btn])
+        self.train_btn.changed.connect(self.start)
+        self.cancel_btn.changed.connect(self.cancel)
+        self.repredict_btn.changed.connect(self.repredict)
+        self.rollback_btn.changed.connect(self.rollback)
+        s.events.reviewed_changed.connect(self._update_ready)
+        s.events.model_changed.connect(self._update_ready)
+        self._update_ready()
+
+    def _update_ready(self) -> None:
+        s = self._session
+        if s.loaded is None:
+            self.ready_lbl.value = T.MSG_NO_MODEL
+        elif not s.reviewed or s.corr_layer is None:
+            self.ready_lbl.value = T.LBL_NEED_REVIEW
+        else:
+            self.ready_lbl.value = T.LBL_READY.format(n=len(s.reviewed), model=s.model_label)
+
+    # ------------------------------------------------------------------ training
+    def config(self) -> Any:
+        """The training settings the fields describe."""
+        from ..training import TrainConfig
+
+        minutes = float(self.budget.value)
+        return TrainConfig(
+            epochs=int(self.epochs.value),
+            steps_per_epoch=int(self.steps.value),
+            time_budget_s=minutes * 60 if minutes > 0 else None,
+            patch_size=int(self.patch.value),
+            loss=str(self.loss.value),
+            device="auto",
+            # leave one core to napari so the viewer stays responsive
+            num_threads=max(1, (os.cpu_count() or 2) - 1),
+        )
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def start(self) -> None:
+        """Fine-tune the session's model on its reviewed, corrected slices."""
+        from ..data import samples_from_slices
+
+        s = self._session
+        if self.running:
+            return
+        if s.loaded is None:
+            show_warning(T.MSG_NO_MODEL)
+            return
+        if s.corr_layer is None or not s.reviewed or s.image_layer is None:
+            show_warning(T.MSG_NO_CORR)
+            return
+        try:
+            samples = samples_from_slices(
+                as_stack(s.image_layer), s.layer_for(s.corr_layer) > 0, sorted(s.reviewed)
+            )
+            config = self.config()
+            registry = get_registry()
+        except Exception as e:
+            show_warning(user_message(e))
+            return
+        self._cancel = threading.Event()
+        self.plot.clear(config.epochs * config.steps_per_epoch)
+        self.result_lbl.value = ""
+        self.repredict_btn.enabled = False
+        self._set_running(True)
+        self._pbar = progress(total=config.epochs * config.steps_per_epoch, desc="Fine-tuning")
+        self._worker = start_job(
+            finetune_job(config, samples, s.loaded, registry, self._cancel),
+            on_yield=self._on_progress,
+            on_done=self._done,
+            on_error=self._failed,
+            on_abort=self._aborted,
+            on_finish=self._finished,
+        )
+
+    def _on_progress(self, ev: Any) -> None:
+        self.bar.value = int(1000 * ev.fraction)
+        if ev.kind == "step":
+            self.plot.add_loss(ev.step, ev.loss)
+            if self._pbar is not None:
+                self._pbar.n = ev.step
+                self._pbar.refresh()
+        elif ev.kind == "epoch" and ev.val_dice is not None:
+            self.plot.add_dice(ev.step, ev.val_dice)
+        self.status.value = ev.message or T.LBL_TRAINING.format(
+            epoch=ev.epoch, step=ev.step, total=ev.total_steps, loss=ev.loss, eta=ev.eta_s
+        )
+
+    def _done(self, res: tuple[Any, Any, Any]) -> None:
+        from ..model import load_model
+
+        result, before, after = res
+        self.result = result
+        version = result.version_id
+        msg = T.LBL_RESULT.format(
+            version=version,
+            before=_fmt(before and before["dice"]),
+            after=_fmt(after and after["dice"]),
+        )
+        self.result_lbl.value = msg
+        show_info(msg)
+        s = self._session
+        device = getattr(s.loaded, "device", "cpu")
+        s.set_model(load_model(result.path, device=device), f"v{version}", version)
+        self.repredict_btn.enabled = True
+
+    def _aborted(self) -> None:
+        self.status.value = T.MSG_TRAIN_CANCELLED
+        show_info(T.MSG_TRAIN_CANCELLED)
+
+    def _failed(self, error: BaseException) -> None:
+        from napari.utils.notifications import show_error
+
+        self.status.value = user_message(error)
+        show_error(user_message(error))
+
+    def _finished(self) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self._set_running(False)
+
+    def cancel(self) -> None:
+        """Stop training at the next step; nothing is saved."""
+        self._cancel.set()
+        if self._worker is not None:
+            self._worker.quit()
+
+    def _set_running(self, running: bool) -> None:
+        if not running:
+            self._worker = None
+        self.train_btn.enabled = not running
+        self.cancel_btn.enabled = running
+        self.bar.visible = running
+
+    # ------------------------------------------------------------------ after training
+    def repredict(self) -> None:
+        """Predict the stack again with the session's (new) model."""
+        s = self._session
+        if len(s.events.predict_requested) == 0:
+            self._viewer.window.add_plugin_dock_widget("napari-bulbseg", "Segment")
+        s.events.predict_requested.emit(s.model_version)
+
+    def rollback(self) -> None:
+        """Make the previous version current again and load it."""
+        from ..model import load_model
+
+        s = self._session
+        try:
+            reg = get_registry()
+            version = reg.rollback()
+            loaded = load_model(reg.path_of(version), device=getattr(s.loaded, "device", "cpu"))
+        except Exception as e:
+            show_warning(user_message(e))
+            return
+        s.set_model(loaded, f"v{version}", version)
+        self.result_lbl.value = T.LBL_ROLLED.format(version=version)
+        self.repredict_btn.enabled = True
+        show_info(self.result_lbl.value)

@@ -1,0 +1,87 @@
+"""Run an engine job generator in napari's thread worker, with user-facing error reporting.
+
+napari relays a worker's uncaught exception as a notification with a traceback; a biologist
+should see one sentence instead. So every job runs inside :func:`_guarded`, which turns an
+exception into a :class:`Failed` result, and :func:`start_job` shows it with ``show_error``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+from napari.qt.threading import GeneratorWorker, create_worker
+from napari.utils.notifications import show_error
+
+from ..errors import BulbsegError, CancelledError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The result of a job that raised ``error``."""
+
+    error: BaseException
+
+
+def user_message(error: BaseException) -> str:
+    """One sentence for the user: our errors carry a hint, others get their type named."""
+    if isinstance(error, BulbsegError):
+        return str(error)
+    if isinstance(error, MemoryError):
+        return "Out of memory — try a smaller tile size, or close other programs."
+    return f"Unexpected error ({type(error).__name__}): {error}"
+
+
+def _guarded(gen: Generator[Any, Any, Any]) -> Generator[Any, Any, Any]:
+    try:
+        result = yield from gen
+    except Exception as e:  # reported to the user by start_job, never as a traceback
+        log.debug("job failed", exc_info=True)
+        return Failed(e)
+    return result
+
+
+def start_job(
+    gen: Generator[Any, Any, Any],
+    *,
+    on_yield: Callable[[Any], Any] | None = None,
+    on_done: Callable[[Any], Any] | None = None,
+    on_error: Callable[[BaseException], Any] | None = None,
+    on_abort: Callable[[], Any] | None = None,
+    on_finish: Callable[[], Any] | None = None,
+    progress: dict[str, Any] | None = None,
+) -> GeneratorWorker:
+    """Start ``gen`` in a napari thread worker and return it (``worker.quit()`` cancels).
+
+    ``on_done`` gets the generator's return value; ``on_error`` (default: a napari error
+    notification) gets the exception; ``on_finish`` runs in every case, on the GUI thread.
+    """
+
+    def _work() -> Generator[Any, Any, Any]:
+        return (yield from _guarded(gen))
+
+    worker = create_worker(_work, _progress=progress or False, _start_thread=False)
+
+    def _returned(value: Any) -> None:
+        if isinstance(value, Failed):
+            if isinstance(value.error, CancelledError):
+                if on_abort is not None:
+                    on_abort()
+                return
+            (on_error or (lambda e: show_error(user_message(e))))(value.error)
+        elif on_done is not None:
+            on_done(value)
+
+    if on_yield is not None:
+        worker.yielded.connect(on_yield)
+    worker.returned.connect(_returned)
+    if on_abort is not None:
+        worker.aborted.connect(on_abort)
+    if on_finish is not None:
+        worker.finished.connect(on_finish)
+    worker.start()
+    return worker

@@ -1,0 +1,64 @@
+"""A read-only per-slice metrics table (a small QTableWidget)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem
+
+from . import _text as T
+
+
+class MetricsTable(QTableWidget):
+    """One row per slice: Dice, IoU, pixel error, object hits / misses / false objects."""
+
+    def __init__(self) -> None:
+        super().__init__(0, len(T.TABLE_HEADERS))
+        self.setHorizontalHeaderLabels(list(T.TABLE_HEADERS))
+        self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.verticalHeader().setVisible(False)
+        self.setMinimumHeight(140)
+        self.horizontalHeader().setStretchLastSection(True)
+        self._rows: dict[int, int] = {}
+
+    def show_metrics(self, per_slice: Iterable[Any], reviewed: set[int]) -> None:
+        """Replace the rows with ``per_slice`` (SliceMetrics objects)."""
+        items = list(per_slice)
+        self.setRowCount(len(items))
+        self._rows = {}
+        for r, m in enumerate(items):
+            self._rows[int(m.index)] = r
+            self._set_row(r, m, int(m.index) in reviewed)
+
+    def update_slice(self, m: Any, reviewed: bool) -> None:
+        """Update the row of slice ``m.index`` (when it is in the table)."""
+        r = self._rows.get(int(m.index))
+        if r is not None:
+            self._set_row(r, m, reviewed)
+
+    def _set_row(self, r: int, m: Any, reviewed: bool) -> None:
+        values = (
+            str(m.index),
+            f"{m.dice:.3f}",
+            f"{m.iou:.3f}",
+            f"{m.pixel_error:.4f}",
+            str(m.hits),
+            str(m.misses),
+            str(m.false_positives),
+            "✓" if reviewed else "",
+        )
+        for c, v in enumerate(values):
+            item = QTableWidgetItem(v)
+            item.setTextAlignment(Qt.AlignmentFlag.AlignCenter)
+            self.setItem(r, c, item)
+
+    def row_of(self, z: int) -> int | None:
+        return self._rows.get(z)
+
+    def cell_text(self, z: int, column: int) -> str:
+        r = self._rows.get(z)
+        item = None if r is None else self.item(r, column)
+        return "" if item is None else item.text()

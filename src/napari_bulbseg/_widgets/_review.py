@@ -1,0 +1,389 @@
+"""Review & correct: XOR difference layer, live metrics, corrections with autosave."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton
+from napari.layers import Labels
+from napari.utils.notifications import show_info, show_warning
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QFileDialog
+
+from . import _text as T
+from ._autosave import AutoSaver, CorrectionStore
+from ._jobs import start_job
+from ._layers import CORR_RGBA, binary_colormap, diff_colormap, upsert_labels
+from ._metrics_view import MetricsTable
+from ._session import get_session
+
+_EVENTS = ("paint", "data", "set_data")
+
+
+def _timer(ms: int, slot: Any) -> QTimer:
+    t = QTimer()
+    t.setSingleShot(True)
+    t.setInterval(ms)
+    t.timeout.connect(slot)
+    return t
+
+
+def _stack_job(truth: np.ndarray, pred: np.ndarray, slices: list[int]) -> Any:
+    from ..metrics import stack_metrics
+    from ..postprocess import difference_map
+
+    diff = difference_map(truth, pred)
+    yield
+    return diff, (stack_metrics(truth, pred, slices=slices) if slices else None)
+
+
+class ReviewWidget(Container):
+    """Compare the prediction with a reference; correct it; mark slices as reviewed."""
+
+    def __init__(self, viewer: Any) -> None:
+        super().__init__(labels=False)
+        self._viewer = viewer
+        self._session = s = get_session(viewer)
+        self._ref: Labels | None = None
+        self._corr: Labels | None = None
+        self._saver: AutoSaver | None = None
+        self._stack_worker: Any = None
+        self.stack_result: Any = None
+        self.reference = ComboBox(label="Reference", choices=self._ref_choices, nullable=True)
+        self.reference.tooltip = T.TIP_TRUTH
+        self.start_btn = PushButton(text=T.BTN_START_CORR, tooltip=T.TIP_START_CORR)
+        self.restore_lbl = Label(value="", visible=False)
+        self.restore_btn = PushButton(text=T.BTN_RESTORE, visible=False)
+        self.reviewed = CheckBox(text=T.CHK_REVIEWED, tooltip=T.TIP_REVIEWED)
+        self.next_btn = PushButton(text=T.BTN_NEXT)
+        self.reset_btn = PushButton(text="Reset this slice to the prediction")
+        self.slice_lbl = Label(value=T.LBL_NO_TRUTH)
+        self.summary_lbl = Label(value="")
+        self.table = MetricsTable()
+        self.export_btn = PushButton(text=T.BTN_EXPORT)
+        self.saved_lbl = Label(value="")
+        row = Container(widgets=[self.reviewed, self.next_btn], layout="horizontal", labels=False)
+        self.extend(
+            [
+                self.reference,
+                self.start_btn,
+                self.restore_lbl,
+                self.restore_btn,
+                row,
+                self.reset_btn,
+                self.slice_lbl,
+                self.summary_lbl,
+            ]
+        )
+        self.native.layout().addWidget(self.table)
+        self.extend([self.export_btn, self.saved_lbl])
+        self._slice_timer = _timer(30, self.update_current)
+        self._stack_timer = _timer(300, self.update_stack)
+        self.reference.changed.connect(self._on_reference)
+        self.start_btn.changed.connect(self.start_corrections)
+        self.restore_btn.changed.connect(self.restore)
+        self.reviewed.changed.connect(self._on_reviewed)
+        self.next_btn.changed.connect(self.reviewed_next)
+        self.reset_btn.changed.connect(self.reset_slice)
+        self.export_btn.changed.connect(lambda: self.export_csv())
+        for ev in (viewer.layers.events.inserted, viewer.layers.events.removed):
+            ev.connect(lambda _e: self.reference.reset_choices())
+        viewer.dims.events.current_step.connect(self._on_step)
+        s.events.prediction_updated.connect(self._on_prediction)
+        s.events.prediction_started.connect(self._on_started)
+        s.events.reviewed_changed.connect(self._sync_reviewed)
+        self._on_started()
+
+    # ------------------------------------------------------------------ layers
+    def _ref_choices(self, _w: Any = None) -> list[tuple[str, Labels]]:
+        own = (T.PRED_SUFFIX, T.DIFF_SUFFIX)
+        return [
+            (lyr.name, lyr)
+            for lyr in self._viewer.layers
+            if isinstance(lyr, Labels) and not lyr.name.endswith(own)
+        ]
+
+    def _diff_layer(self) -> Labels | None:
+        s = self._session
+        pred = s.pred_layer
+        if pred is None or self._ref is None:
+            return None
+        name = s.image_name + T.DIFF_SUFFIX
+        if name in self._viewer.layers:
+            layer = self._viewer.layers[name]
+            if isinstance(layer, Labels) and layer.data.shape == pred.data.shape:
+                return layer
+        return upsert_labels(
+            self._viewer,
+            name,
+            np.zeros(pred.data.shape, np.uint8),
+            s.image_layer or pred,
+            colormap=diff_colormap(),
+            opacity=0.8,
+        )
+
+    def _stacks(self) -> tuple[np.ndarray, np.ndarray] | None:
+        s = self._session
+        pred, ref = s.layer_for(s.pred_layer), s.layer_for(self._ref)
+        if pred is None or ref is None:
+            return None
+        if ref.shape != pred.shape:
+            show_warning(T.MSG_SHAPE.format(a=self._ref.name, sa=ref.shape, sb=pred.shape))
+            return None
+        return ref, pred
+
+    def _connect(self, layer: Labels | None, slot: Any, on: bool) -> None:
+        if layer is None:
+            return
+        for name in _EVENTS:
+            emitter = getattr(layer.events, name)
+            (emitter.connect if on else emitter.disconnect)(slot)
+
+    def _on_reference(self, layer: Labels | None) -> None:
+        self._connect(self._ref, self._on_ref_edit, False)
+        self._ref = layer
+        self._connect(layer, self._on_ref_edit, True)
+        self.refresh_all()
+
+    def _on_ref_edit(self, event: Any) -> None:
+        self._slice_timer.start()
+        if event.type != "set_data":
+            self._stack_timer.start()
+
+    # ------------------------------------------------------------------ live updates
+    def refresh_all(self) -> None:
+        """Recompute the displayed slice now and the whole stack in the background."""
+        self.update_current()
+        self.update_stack()
+
+    def update_current(self) -> None:
+        """Difference map and metrics of the displayed slice, on the GUI thread."""
+        from ..metrics import slice_metrics
+        from ..postprocess import difference_map
+
+        stacks = self._stacks()
+        diff = self._diff_layer() if stacks else None
+        if stacks is None or diff is None:
+            self.slice_lbl.value = T.LBL_NO_TRUTH
+            return
+        ref, pred = stacks
+        s = self._session
+        z = s.displayed()
+        truth = ref[z] > 0
+        d = difference_map(truth, pred[z])
+        target = diff.data if diff.ndim == 3 else diff.data[None]
+        target[z] = d
+        diff.refresh()
+        m = slice_metrics(truth, pred[z], index=z)
+        self.slice_lbl.value = T.LBL_SLICE.format(z=z, dice=m.dice, iou=m.iou, fp=m.fp, fn=m.fn)
+        self.table.update_slice(m, z in s.reviewed)
+
+    def summary_slices(self) -> list[int]:
+        """Slices in the stack summary: predicted ones; only reviewed ones vs corrections."""
+        s = self._session
+        if s.done is None:
+            return []
+        done = [int(z) for z in np.flatnonzero(s.done)]
+        if self._ref is not None and self._ref is s.corr_layer and s.reviewed:
+            return [z for z in done if z in s.reviewed]
+        return done
+
+    def update_stack(self) -> None:
+        """Whole-stack difference map and metrics, in a worker."""
+        if self._stack_worker is not None:
+            self._stack_timer.start()  # one at a time; try again shortly
+            return
+        stacks = self._stacks()
+        if stacks is None:
+            return
+        ref, pred = stacks
+        self._stack_worker = start_job(
+            _stack_job((ref > 0).astype(np.uint8), pred.copy(), self.summary_slices()),
+            on_done=self._stack_done,
+            on_finish=self._stack_finished,
+        )
+
+    def _stack_done(self, res: tuple[np.ndarray, Any]) -> None:
+        diff_stack, sm = res
+        diff = self._diff_layer()
+        if diff is not None and self._stacks() is not None:
+            target = diff.data if diff.ndim == 3 else diff.data[None]
+            z = self._session.displayed()
+            keep = target[z].copy()  # the displayed slice may be newer than this snapshot
+            target[:] = diff_stack
+            target[z] = keep
+            diff.refresh()
+        self.stack_result = sm
+        if sm is not None:
+            m = sm.summary
+            self.summary_lbl.value = T.LBL_SUMMARY.format(
+                dice=m.dice,
+                iou=m.iou,
+                err=m.pixel_error,
+                hits=m.hits,
+                misses=m.misses,
+                fps=m.false_positives,
+            )
+            self.table.show_metrics(sm.per_slice, self._session.reviewed)
+
+    def _stack_finished(self) -> None:
+        self._stack_worker = None
+
+    def _on_prediction(self, z: int) -> None:
+        if z < 0 or z == self._session.displayed():
+            self._slice_timer.start()
+        self._stack_timer.start()
+
+    def _on_step(self, _e: Any = None) -> None:
+        self._sync_reviewed()
+        self._slice_timer.start()
+        if self._saver is not None:
+            self._saver.maybe_changed(self._session.displayed())
+
+    # ------------------------------------------------------------------ corrections
+    def _store(self) -> CorrectionStore | None:
+        image = self._session.image_layer
+        if image is None:
+            return None
+        source = image.metadata.get("bulbseg_path")
+        return CorrectionStore(image.name, image.data.shape[: image.ndim], source)
+
+    def _on_started(self) -> None:
+        """A new prediction: offer saved corrections of this image, if any."""
+        self.reference.reset_choices()
+        store = self._store()
+        offer = store is not None and store.exists() and self._session.corr_layer is None
+        self.restore_btn.visible = self.restore_lbl.visible = offer
+        if offer:
+            info = store.info()
+            self.restore_lbl.value = T.LBL_RESTORE.format(
+                n=len(info.get("reviewed", [])), when=info.get("saved_at", "?")
+            )
+            show_info(self.restore_lbl.value)
+        self.refresh_all()
+
+    def _attach(self, layer: Labels) -> None:
+        """Make ``layer`` the corrections: autosave it, compare against it, paint on it."""
+        s = self._session
+        if self._saver is not None:
+            self._saver.stop()
+            self._connect(self._corr, self._on_corr_edit, False)
+        self._corr = layer
+        self._saver = AutoSaver(
+            self._store(),
+            lambda: s.layer_for(s.corr_layer),
+            lambda: s.reviewed,
+            on_saved=self._on_saved,
+        )
+        self._connect(layer, self._on_corr_edit, True)
+        self.restore_btn.visible = self.restore_lbl.visible = False
+        self.reference.reset_choices()
+        self.reference.value = layer
+        if s.pred_layer is not None:
+            s.pred_layer.visible = False
+        self._viewer.layers.selection.active = layer
+        layer.mode, layer.selected_label = "paint", 1
+
+    def _on_corr_edit(self, event: Any) -> None:
+        if self._saver is None:
+            return
+        if event.type == "set_data":  # undo / redo (or a refresh): save only if data changed
+            self._saver.maybe_changed(self._session.displayed())
+        else:
+            self._saver.touch()
+
+    def _on_saved(self, path: Path) -> None:
+        from datetime import datetime
+
+        self.saved_lbl.value = T.LBL_SAVED.format(when=f"{datetime.now():%H:%M:%S}", path=path)
+
+    def start_corrections(self) -> Labels | None:
+        """Copy the prediction into an editable corrections layer (or select the existing one)."""
+        s = self._session
+        if s.corr_layer is not None:
+            self._attach(s.corr_layer)
+            return s.corr_layer
+        if s.pred_layer is None:
+            show_warning(T.MSG_NEED_PRED)
+            return None
+        data = np.array(s.pred_layer.data, dtype=np.uint8, copy=True)
+        layer = upsert_labels(
+            self._viewer,
+            s.image_name + T.CORR_SUFFIX,
+            data,
+            s.image_layer,
+            colormap=binary_colormap(CORR_RGBA),
+            opacity=0.6,
+        )
+        self._attach(layer)
+        self._saver.touch()
+        return layer
+
+    def restore(self) -> Labels | None:
+        """Load the autosaved corrections and reviewed flags of this image."""
+        s, store = self._session, self._store()
+        if store is None or not store.exists() or s.image_layer is None:
+            return None
+        mask, reviewed = store.load()
+        layer = upsert_labels(
+            self._viewer,
+            s.image_name + T.CORR_SUFFIX,
+            mask,
+            s.image_layer,
+            colormap=binary_colormap(CORR_RGBA),
+            opacity=0.6,
+        )
+        s.reviewed = set(reviewed)
+        s.events.reviewed_changed.emit()
+        self._attach(layer)
+        show_info(T.MSG_RESTORED.format(name=s.image_name, n=len(reviewed)))
+        return layer
+
+    def reset_slice(self) -> None:
+        """Put the prediction back into the displayed slice of the corrections (undoable)."""
+        s = self._session
+        corr, pred = s.corr_layer, s.layer_for(s.pred_layer)
+        if corr is None or pred is None:
+            return
+        z = s.displayed()
+        yx = np.nonzero(np.ones(pred.shape[1:], dtype=bool))
+        idx = (np.full(yx[0].shape, z), *yx) if corr.ndim == 3 else yx
+        corr.data_setitem(idx, pred[z][yx])
+
+    # ------------------------------------------------------------------ reviewed flags
+    def _sync_reviewed(self) -> None:
+        with self.reviewed.changed.blocked():
+            self.reviewed.value = self._session.displayed() in self._session.reviewed
+
+    def _on_reviewed(self, value: bool) -> None:
+        self._session.set_reviewed(self._session.displayed(), bool(value))
+        if self._saver is not None:
+            self._saver.touch()
+        self._stack_timer.start()
+
+    def reviewed_next(self) -> None:
+        """Mark the displayed slice reviewed and step to the next one."""
+        self.reviewed.value = True
+        image = self._session.image_layer
+        if image is not None and image.ndim == 3:
+            z = min(self._session.displayed() + 1, image.data.shape[0] - 1)
+            self._viewer.dims.set_point(0, float(image.data_to_world([z, 0, 0])[0]))
+
+    def export_csv(self, path: str | Path | None = None) -> Path | None:
+        """Write the per-slice metrics table to CSV (asks for a file when ``path`` is None)."""
+        from ..metrics import write_metrics_csv
+
+        if self.stack_result is None:
+            show_warning(T.LBL_NO_TRUTH)
+            return None
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(
+                self.native, T.BTN_EXPORT, "metrics.csv", "CSV (*.csv)"
+            )
+            if not path:
+                return None
+        out = write_metrics_csv(path, self.stack_result)
+        show_info(T.MSG_EXPORTED.format(path=out))
+        return Path(out)

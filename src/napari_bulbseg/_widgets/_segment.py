@@ -1,0 +1,248 @@
+"""Segment: run the U-Net on an image layer, displayed slice first, in a background worker."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from typing import Any
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
+from napari.layers import Image
+from napari.utils import progress
+from napari.utils.notifications import show_info, show_warning
+
+from . import _text as T
+from ._jobs import start_job
+from ._layers import current_index, n_slices
+from ._models import FOLDER, ModelChoice, load_choice, model_choices
+from ._session import get_session
+
+DEVICES = ("auto", "cuda", "mps", "cpu")
+
+
+def _load_job(choice: ModelChoice, folder: Any, device: str) -> Generator[None, None, Any]:
+    from ..inference import select_device
+
+    dev = select_device(device)
+    yield
+    return load_choice(choice, folder, dev)
+
+
+def _predict_job(
+    loaded: Any, stack: Any, options: Any, prob: np.ndarray, order: list[int]
+) -> Generator[tuple[str, int, int, float], None, int]:
+    """Predict ``order``'s slices one by one into ``prob``; yield ("tick"|"slice", k, z, frac)."""
+    from ..inference import iter_predict
+
+    for k, z in enumerate(order):
+        for ev in iter_predict(loaded, stack, options, out=prob, slices=[z]):
+            yield "tick", k, z, float(ev.fraction)
+        yield "slice", k, z, 1.0
+    return len(order)
+
+
+class SegmentWidget(Container):
+    """Pick an image and a model; predict the stack into probability + prediction layers."""
+
+    def __init__(self, viewer: Any) -> None:
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self._session = get_session(viewer)
+        self._worker: Any = None
+        self._pbar: Any = None
+        self._t0 = 0.0
+        self._finished = 0
+        self.image = ComboBox(label="Image", choices=self._image_choices, tooltip=T.TIP_IMAGE)
+        self.model = ComboBox(label="Model", choices=self._model_choices, tooltip=T.TIP_MODEL)
+        self.folder = FileEdit(label="Folder", mode="d", tooltip=T.TIP_FOLDER, visible=False)
+        self.device = ComboBox(label="Device", choices=DEVICES, value="auto", tooltip=T.TIP_DEVICE)
+        self.tile = SpinBox(label="Tile size", value=512, min=64, max=4096, step=64)
+        self.tile.tooltip = T.TIP_TILE
+        self.overlap = SpinBox(label="Overlap (px)", value=32, min=0, max=1024, step=8)
+        self.overlap.tooltip = T.TIP_OVERLAP
+        self.tta = CheckBox(text="Test-time augmentation", value=False, tooltip=T.TIP_TTA)
+        self.run_btn = PushButton(text=T.BTN_RUN)
+        self.cancel_btn = PushButton(text=T.BTN_CANCEL, enabled=False)
+        self.bar = ProgressBar(value=0, min=0, max=1000, visible=False, label="")
+        self.status = Label(value="")
+        self.extend(
+            [
+                self.image,
+                self.model,
+                self.folder,
+                self.device,
+                self.tile,
+                self.overlap,
+                self.tta,
+                self.run_btn,
+                self.cancel_btn,
+                self.bar,
+                self.status,
+            ]
+        )
+        self.model.changed.connect(self._on_model_choice)
+        self.run_btn.changed.connect(self.run)
+        self.cancel_btn.changed.connect(self.cancel)
+        for ev in (viewer.layers.events.inserted, viewer.layers.events.removed):
+            ev.connect(self._refresh_images)
+        self._session.events.model_changed.connect(self._refresh_models)
+        self._session.events.predict_requested.connect(self._on_predict_requested)
+        self._on_model_choice()
+
+    # ------------------------------------------------------------------ choices
+    def _image_choices(self, _w: Any = None) -> list[tuple[str, Image]]:
+        return [
+            (lyr.name, lyr)
+            for lyr in self._viewer.layers
+            if isinstance(lyr, Image) and not lyr.name.endswith(T.PROB_SUFFIX)
+        ]
+
+    def _model_choices(self, _w: Any = None) -> list[tuple[str, ModelChoice]]:
+        return [(c.label, c) for c in model_choices()]
+
+    def _refresh_images(self, _e: Any = None) -> None:
+        self.image.reset_choices()
+
+    def _refresh_models(self) -> None:
+        current = self.model.value
+        self.model.reset_choices()
+        if current is not None and current in self.model.choices:
+            self.model.value = current
+
+    def _on_model_choice(self, _v: Any = None) -> None:
+        choice = self.model.value
+        self.folder.visible = choice is not None and choice.kind == FOLDER
+
+    def select_version(self, version: str) -> None:
+        """Pick registry ``version`` in the model menu (after fine-tuning or a rollback)."""
+        self.model.reset_choices()
+        for c in self.model.choices:
+            if c.version == version:
+                self.model.value = c
+                return
+
+    def _on_predict_requested(self, version: str | None) -> None:
+        if version is not None:
+            self.select_version(version)
+        image = self._session.image_layer
+        if image is not None and image in self.image.choices:
+            self.image.value = image
+        self.run()
+
+    # ------------------------------------------------------------------ run
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def run(self) -> None:
+        """Load the chosen model, then predict the image: displayed slice first."""
+        if self.running:
+            return
+        image = self.image.value
+        if image is None:
+            show_warning(T.MSG_NO_IMAGE)
+            return
+        choice = self.model.value
+        folder = self.folder.value if choice is not None and choice.kind == FOLDER else None
+        self._set_running(True)
+        self.status.value = "Loading model…"
+        self._worker = start_job(
+            _load_job(choice, folder, self.device.value),
+            on_done=lambda res: self._predict(image, choice, *res),
+            on_error=self._failed,
+            on_abort=lambda: self._set_running(False),
+        )
+
+    def _options(self) -> Any:
+        from ..inference import PredictOptions
+
+        return PredictOptions(
+            tile=int(self.tile.value),
+            overlap=int(self.overlap.value),
+            tta=bool(self.tta.value),
+            device=str(self.device.value),
+        )
+
+    def _predict(self, image: Image, choice: ModelChoice, loaded: Any, label: str) -> None:
+        s = self._session
+        s.set_model(loaded, label, choice.version)
+        if image not in self._viewer.layers:
+            self._set_running(False)
+            return
+        s.set_spec(s.card_spec())
+        z0 = current_index(self._viewer, image)
+        order = [z0] + [z for z in range(n_slices(image)) if z != z0]
+        stack, prob = s.begin_prediction(image)
+        self._t0, self._finished = time.perf_counter(), 0
+        self._pbar = progress(total=len(order), desc=f"Segmenting {image.name}")
+        self.status.value = T.MSG_PREDICTING.format(z=z0)
+        self._worker = start_job(
+            _predict_job(loaded, stack, self._options(), prob, order),
+            on_yield=self._on_event,
+            on_done=self._done,
+            on_error=self._failed,
+            on_abort=self._aborted,
+            on_finish=self._close_pbar,
+        )
+        self._worker._bulbseg_total = len(order)
+
+    def _on_event(self, ev: tuple[str, int, int, float]) -> None:
+        kind, k, z, frac = ev
+        total = getattr(self._worker, "_bulbseg_total", 1)
+        self.bar.value = int(1000 * (k + frac) / max(total, 1))
+        if kind == "slice":
+            self._finished = k + 1
+            self._session.slice_predicted(z)
+            if self._pbar is not None:
+                self._pbar.update(1)
+
+    def _done(self, n: int) -> None:
+        dt = time.perf_counter() - self._t0
+        msg = T.MSG_PRED_DONE.format(n=n, model=self._session.model_label, s=dt)
+        self.status.value = msg
+        show_info(msg)
+        self._set_running(False)
+
+    def _aborted(self) -> None:
+        msg = T.MSG_PRED_CANCELLED.format(n=self._finished)
+        self.status.value = msg
+        show_info(msg)
+        self._set_running(False)
+
+    def _failed(self, error: BaseException) -> None:
+        from napari.utils.notifications import show_error
+
+        from ._jobs import user_message
+
+        self.status.value = user_message(error)
+        show_error(user_message(error))
+        self._set_running(False)
+
+    def _close_pbar(self) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+
+    def cancel(self) -> None:
+        """Stop after the tile in progress; finished slices are kept."""
+        if self._worker is not None:
+            self._worker.quit()
+
+    def _set_running(self, running: bool) -> None:
+        if not running:
+            self._worker = None
+        self.run_btn.enabled = not running
+        self.cancel_btn.enabled = running
+        self.bar.visible = running
+        if running:
+            self.bar.value = 0

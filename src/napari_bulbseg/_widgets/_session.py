@@ -1,0 +1,288 @@
+"""Shared state of the bulbseg widgets for one viewer: model, probability cache, post-processing.
+
+The widgets never talk to each other; they read and change the :class:`Session` of their
+viewer (:func:`get_session`) and listen to its psygnal signals. The session owns the rule
+"probabilities → prediction layer": the displayed slice is re-thresholded at once on the GUI
+thread, every other slice by a background worker whose results are written on the GUI thread.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Generator
+from typing import Any
+
+import numpy as np
+from napari.layers import Image, Labels, Layer
+from psygnal import Signal, SignalGroup
+
+from ..postprocess import PostProcess, count_objects, postprocess_slice
+from . import _text as T
+from ._jobs import start_job
+from ._layers import (
+    PRED_RGBA,
+    as_stack,
+    binary_colormap,
+    current_index,
+    upsert_image,
+    upsert_labels,
+    write_slice,
+)
+
+_SESSIONS: weakref.WeakKeyDictionary[Any, Session] = weakref.WeakKeyDictionary()
+
+
+def get_session(viewer: Any) -> Session:
+    """The one :class:`Session` of ``viewer`` (created on first use)."""
+    session = _SESSIONS.get(viewer)
+    if session is None:
+        session = _SESSIONS[viewer] = Session(viewer)
+    return session
+
+
+class SessionSignals(SignalGroup):
+    model_changed = Signal()
+    #: a new prediction started (layers created or replaced)
+    prediction_started = Signal()
+    #: slice ``z`` of the prediction layer changed (``-1``: many slices)
+    prediction_updated = Signal(int)
+    spec_changed = Signal(object)
+    #: object counts per slice changed (see :attr:`Session.violations`)
+    counts_changed = Signal()
+    reviewed_changed = Signal()
+    #: ask the Segment widget to predict again with registry version (None: current model)
+    predict_requested = Signal(object)
+
+
+class Session:
+    """Model, probabilities, post-processing and review state for one viewer's image."""
+
+    def __init__(self, viewer: Any) -> None:
+        self._viewer = weakref.ref(viewer)
+        self.events = SessionSignals()
+        self.image_name: str | None = None
+        self.loaded: Any = None  # model.LoadedModel
+        self.model_label: str = ""
+        #: registry version of ``loaded`` (None for the bundled model or a folder)
+        self.model_version: str | None = None
+        self.prob: np.ndarray | None = None  # (Z, Y, X) float16
+        self.done: np.ndarray | None = None  # (Z,) bool: probabilities available
+        self.spec = PostProcess()
+        self.expected_max = 0
+        self.counts: dict[int, int] = {}
+        self.reviewed: set[int] = set()
+        self._gen = 0
+        self._mask_gen: np.ndarray | None = None  # (Z,) spec generation of each written mask
+        self._refresher: Any = None
+        viewer.dims.events.current_step.connect(self._on_step)
+
+    # ------------------------------------------------------------------ layers
+    @property
+    def viewer(self) -> Any:
+        return self._viewer()
+
+    def _named(self, suffix: str, kind: type) -> Any:
+        if self.image_name is None or self.viewer is None:
+            return None
+        name = self.image_name + suffix
+        layers = self.viewer.layers
+        return layers[name] if name in layers and isinstance(layers[name], kind) else None
+
+    @property
+    def image_layer(self) -> Image | None:
+        return self._named("", Image)
+
+    @property
+    def prob_layer(self) -> Image | None:
+        return self._named(T.PROB_SUFFIX, Image)
+
+    @property
+    def pred_layer(self) -> Labels | None:
+        return self._named(T.PRED_SUFFIX, Labels)
+
+    @property
+    def corr_layer(self) -> Labels | None:
+        return self._named(T.CORR_SUFFIX, Labels)
+
+    def displayed(self) -> int:
+        layer = self.image_layer
+        return 0 if layer is None else current_index(self.viewer, layer)
+
+    @property
+    def n_slices(self) -> int:
+        return 0 if self.prob is None else int(self.prob.shape[0])
+
+    # ------------------------------------------------------------------ model
+    def card_spec(self) -> PostProcess:
+        """The post-processing the model card recommends."""
+        if self.loaded is None:
+            return PostProcess()
+        card = self.loaded.card
+        pp = {k: v for k, v in (card.postprocess or {}).items() if k != "threshold"}
+        try:
+            return PostProcess.from_dict({"threshold": float(card.threshold), **pp})
+        except Exception:
+            return PostProcess(threshold=float(card.threshold))
+
+    def set_model(self, loaded: Any, label: str, version: str | None = None) -> None:
+        """Make ``loaded`` the session's model; the threshold defaults to its card's."""
+        self.loaded, self.model_label, self.model_version = loaded, label, version
+        self.events.model_changed.emit()
+
+    # ------------------------------------------------------------------ prediction
+    def begin_prediction(self, image: Image) -> tuple[Any, np.ndarray]:
+        """Allocate the probability cache and (re)create the probability and prediction layers.
+
+        Returns the (Z, Y, X[, C]) image stack and the float16 (Z, Y, X) cache to fill.
+        """
+        viewer = self.viewer
+        if self.image_name != image.name:
+            self.reviewed = set()
+            self.events.reviewed_changed.emit()
+        self.image_name = image.name
+        stack = as_stack(image)
+        zyx = tuple(int(s) for s in stack.shape[:3])
+        self.prob = np.zeros(zyx, dtype=np.float16)
+        self.done = np.zeros(zyx[0], dtype=bool)
+        self._mask_gen = np.full(zyx[0], -1, dtype=np.int64)
+        self.counts = {}
+        self._gen += 1
+        two_d = image.ndim == 2
+        prob_view = self.prob[0] if two_d else self.prob
+        pred = np.zeros(zyx[1:] if two_d else zyx, dtype=np.uint8)
+        upsert_image(
+            viewer,
+            image.name + T.PROB_SUFFIX,
+            prob_view,
+            image,
+            colormap="magma",
+            contrast_limits=(0.0, 1.0),
+            blending="additive",
+            visible=False,
+        )
+        upsert_labels(
+            viewer,
+            image.name + T.PRED_SUFFIX,
+            pred,
+            image,
+            opacity=0.45,
+            colormap=binary_colormap(PRED_RGBA),
+        )
+        viewer.layers.selection.active = image
+        self.events.prediction_started.emit()
+        return stack, self.prob
+
+    def slice_predicted(self, z: int) -> None:
+        """Probabilities of slice ``z`` are final: show them, threshold the slice."""
+        if self.done is None or not 0 <= z < self.done.size:
+            return
+        self.done[z] = True
+        if z == self.displayed():
+            if self.prob_layer is not None:
+                self.prob_layer.refresh()
+            self.update_slice(z)
+        self._start_refresher()
+
+    def update_slice(self, z: int) -> None:
+        """Re-threshold slice ``z`` now, on this thread, and write it into the layer."""
+        pred = self.pred_layer
+        if pred is None or self.prob is None or not self.done[z]:
+            return
+        mask = postprocess_slice(self.prob[z], self.spec)
+        write_slice(pred, z, mask, displayed=z == self.displayed())
+        self._mask_gen[z] = self._gen
+        self.events.prediction_updated.emit(z)
+
+    def set_spec(self, spec: PostProcess, expected_max: int | None = None) -> None:
+        """New post-processing: the displayed slice at once, the others in the background."""
+        if expected_max is not None and expected_max != self.expected_max:
+            self.expected_max = expected_max
+            self.events.counts_changed.emit()
+        if spec == self.spec:
+            return
+        self.spec = spec
+        self._gen += 1
+        self.counts = {}
+        if self.prob is not None:
+            self.update_slice(self.displayed())
+            self._start_refresher()
+        self.events.spec_changed.emit(spec)
+
+    def _on_step(self, event: Any = None) -> None:
+        if self.prob is None or self.image_layer is None:
+            return
+        z = self.displayed()
+        if self.done[z] and self._mask_gen[z] != self._gen:
+            self.update_slice(z)
+
+    # ------------------------------------------------------------------ background refresh
+    def _start_refresher(self) -> None:
+        worker = self._refresher
+        if worker is not None and getattr(worker, "_bulbseg_gen", None) == self._gen:
+            return  # the running pass already uses this spec and rescans for new slices
+        if worker is not None:
+            worker.quit()
+        gen, spec = self._gen, self.spec
+        self._refresher = start_job(
+            self._refresh_job(gen, spec, self.prob, self.done),
+            on_yield=self._apply_refreshed,
+            on_finish=lambda: self._refresher_finished(gen),
+        )
+        self._refresher._bulbseg_gen = gen
+
+    def _refresh_job(
+        self, gen: int, spec: PostProcess, prob: np.ndarray, done: np.ndarray
+    ) -> Generator[tuple[int, int, np.ndarray, int], None, None]:
+        handled: set[int] = set()
+        while gen == self._gen:
+            todo = [int(z) for z in np.flatnonzero(done) if z not in handled]
+            if not todo:
+                return
+            for z in todo:
+                if gen != self._gen:
+                    return
+                mask = postprocess_slice(prob[z], spec)
+                handled.add(z)
+                yield gen, z, mask, count_objects(mask)
+
+    def _apply_refreshed(self, item: tuple[int, int, np.ndarray, int]) -> None:
+        gen, z, mask, count = item
+        pred = self.pred_layer
+        if gen != self._gen or pred is None:
+            return
+        if self._mask_gen[z] != gen:
+            write_slice(pred, z, mask, displayed=z == self.displayed())
+            self._mask_gen[z] = gen
+            self.events.prediction_updated.emit(z)
+        self.counts[z] = count
+        self.events.counts_changed.emit()
+
+    def _refresher_finished(self, gen: int) -> None:
+        if self._refresher is not None and self._refresher._bulbseg_gen == gen:
+            self._refresher = None
+            # slices that finished predicting after the last rescan
+            if self.done is not None and (self._mask_gen[self.done] != self._gen).any():
+                self._start_refresher()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a background re-threshold pass is running."""
+        return self._refresher is not None
+
+    @property
+    def violations(self) -> list[int]:
+        """Slices with more objects than :attr:`expected_max` (empty when the check is off)."""
+        if self.expected_max <= 0:
+            return []
+        return sorted(z for z, n in self.counts.items() if n > self.expected_max)
+
+    # ------------------------------------------------------------------ review
+    def set_reviewed(self, z: int, reviewed: bool) -> None:
+        changed = (z in self.reviewed) != reviewed
+        (self.reviewed.add if reviewed else self.reviewed.discard)(z)
+        if changed:
+            self.events.reviewed_changed.emit()
+
+    def layer_for(self, layer: Layer | None) -> np.ndarray | None:
+        """A layer's data as a (Z, Y, X) numpy stack (a view for numpy data)."""
+        return None if layer is None else np.asarray(as_stack(layer))

@@ -1,0 +1,106 @@
+"""Every user-facing string of the widgets: labels, tooltips and messages, in one place."""
+
+from __future__ import annotations
+
+# --------------------------------------------------------------------------- layer names
+PROB_SUFFIX = " probability"
+PRED_SUFFIX = " prediction"
+CORR_SUFFIX = " corrections"
+DIFF_SUFFIX = " difference"
+
+# --------------------------------------------------------------------------- segment
+MODEL_BUNDLED = "Bundled default model"
+MODEL_FOLDER = "Model folder…"
+MODEL_CURRENT = "Current model ({})"
+TIP_IMAGE = "The image (or stack) to segment."
+TIP_MODEL = (
+    "Which U-Net to use: the bundled default, a version fine-tuned on your data, "
+    "or a model folder (model.json + weights.safetensors)."
+)
+TIP_FOLDER = "A model folder holding model.json and weights.safetensors."
+TIP_DEVICE = "Where the network runs: auto picks CUDA, then Apple MPS, then the CPU."
+TIP_TILE = (
+    "Images are cut into square tiles of this size; the output always has the input's size. "
+    "Smaller tiles use less memory."
+)
+TIP_OVERLAP = "Overlap between tiles, in pixels; larger hides tile seams better."
+TIP_TTA = "Test-time augmentation: average 8 flips/rotations. Smoother, 8× slower."
+BTN_RUN = "Segment stack"
+BTN_CANCEL = "Cancel"
+MSG_NO_IMAGE = "Choose an image layer first."
+MSG_NO_FOLDER = "Choose a model folder, or pick another model."
+MSG_PREDICTING = "Predicting slice {z} first, then the rest of the stack…"
+MSG_PRED_DONE = "Segmented {n} slice(s) with {model} in {s:.1f} s."
+MSG_PRED_CANCELLED = "Prediction cancelled; {n} slice(s) were finished and kept."
+MSG_BAD_NDIM = (
+    "Layer {name!r} has {ndim} dimensions; napari-bulbseg segments 2D images and (Z, Y, X) stacks."
+)
+
+# --------------------------------------------------------------------------- threshold
+TIP_THRESHOLD = (
+    "A pixel is foreground when its probability is at least this value. "
+    "The mask updates at once, without re-running the network."
+)
+TIP_MIN_SIZE = "Remove objects smaller than this many pixels (0 keeps all)."
+TIP_KEEP = "Keep only the N largest objects per slice (0 keeps all); 2 for olfactory bulbs."
+TIP_FILL = "Fill holes enclosed by an object."
+TIP_EXPECTED = (
+    "Most objects a slice should have (0: no check). Slices with more are listed below, "
+    "so you can review them first."
+)
+TIP_USE_CARD = "Use the threshold the model's validation sweep found best."
+TIP_SWEEP = "Find the threshold that maximises Dice on the slices you have reviewed."
+BTN_USE_CARD = "Model's suggestion"
+BTN_SWEEP = "Suggest from reviewed slices"
+LBL_NO_FLAGS = "No slice breaks the object-count prior."
+LBL_FLAGS = "{n} slice(s) break the prior: {which}"
+LBL_CARD = "Model suggests {t:.2f}"
+LBL_SWEEP = "Reviewed slices suggest {t:.2f} (Dice {d:.3f})"
+MSG_NO_PROB = "Segment the stack first: there are no probabilities to threshold yet."
+MSG_NO_REVIEWED = "Mark some slices as reviewed (in Review & correct) first."
+
+# --------------------------------------------------------------------------- review
+TIP_TRUTH = (
+    "The reference mask: a ground-truth layer, or your corrections. Differences to the "
+    "prediction are shown in colour: magenta = false positive, green = false negative."
+)
+BTN_START_CORR = "Start corrections from the prediction"
+TIP_START_CORR = (
+    "Copy the prediction into an editable corrections layer; paint (label 1) or erase (label 0) "
+    "with napari's brush. Your edits are saved automatically."
+)
+BTN_RESTORE = "Restore saved corrections"
+LBL_RESTORE = "Saved corrections found ({n} reviewed slice(s), {when})."
+CHK_REVIEWED = "This slice is reviewed"
+TIP_REVIEWED = "Reviewed slices are used for fine-tuning and for the threshold suggestion."
+BTN_NEXT = "Reviewed → next slice"
+BTN_EXPORT = "Export metrics CSV…"
+LBL_SUMMARY = (
+    "Stack: Dice {dice:.3f} · IoU {iou:.3f} · pixel error {err:.4f} · "
+    "objects hit {hits} / missed {misses} / false {fps}"
+)
+LBL_SLICE = "Slice {z}: Dice {dice:.3f} · IoU {iou:.3f} · errors {fp} FP + {fn} FN px"
+LBL_SAVED = "Autosaved {when} → {path}"
+LBL_NO_TRUTH = "Choose a reference layer to compare against."
+TABLE_HEADERS = ("slice", "Dice", "IoU", "pixel err", "hits", "misses", "false obj", "reviewed")
+MSG_NEED_PRED = "Segment the stack first: there is no prediction to compare or correct."
+MSG_SHAPE = "The reference {a!r} has shape {sa}, the prediction {sb}: they must match."
+MSG_RESTORED = "Restored your saved corrections for {name!r} ({n} reviewed slice(s))."
+MSG_EXPORTED = "Metrics written to {path}"
+MSG_AUTOSAVE_FAIL = "Could not autosave corrections: {err}"
+
+# --------------------------------------------------------------------------- fine-tune
+TIP_LOSS = "Training loss: focal+dice suits small or thin objects; bce is the classic choice."
+TIP_EPOCHS = "Passes over the reviewed slices."
+TIP_BUDGET = "Stop after this many minutes even if epochs remain (0 = no limit)."
+BTN_TRAIN = "Fine-tune on reviewed slices"
+BTN_REPREDICT = "Re-predict with the new model"
+BTN_ROLLBACK = "Roll back to the previous version"
+LBL_NEED_REVIEW = "Review at least one slice (Review & correct) to fine-tune."
+LBL_READY = "{n} reviewed slice(s) ready; starts from {model}."
+LBL_TRAINING = "epoch {epoch} · step {step}/{total} · loss {loss:.4f} · ETA {eta:.0f} s"
+LBL_RESULT = "Saved version {version}. Validation Dice {before} → {after}."
+LBL_ROLLED = "Current model is now version {version}."
+MSG_TRAIN_CANCELLED = "Fine-tuning cancelled; no new version was saved."
+MSG_NO_MODEL = "Segment the stack first, so there is a model to fine-tune."
+MSG_NO_CORR = "Start corrections (Review & correct) and mark slices as reviewed first."
