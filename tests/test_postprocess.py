@@ -21,6 +21,8 @@ from napari_bulbseg.postprocess import (
     count_objects,
     difference_map,
     fill_holes,
+    label_objects,
+    label_sizes,
     object_prior_violations,
     postprocess_slice,
     postprocess_stack,
@@ -246,6 +248,21 @@ def test_keep_largest_with_many_survivors_uses_lookup_path():
     assert ref_sizes == [2, 4, 4, 4, 6, 6]
     assert out[0, 0:2].all() and not out[0, 15:17].any() and not out[0, 30:32].any()
     assert out[4, 0] == 0
+
+
+@pytest.mark.parametrize("n_blobs", [3, 200])  # both counting paths (sort and bincount)
+def test_label_sizes_matches_bincount(n_blobs):
+    rng = np.random.default_rng(n_blobs)
+    m = np.zeros((100, 100), dtype=bool)
+    ys, xs = rng.integers(0, 50, n_blobs) * 2, rng.integers(0, 50, n_blobs) * 2
+    m[ys, xs] = True  # isolated pixels on an even grid ...
+    m[ys[0] : ys[0] + 2, :] = True  # ... plus one long bar
+    labels, n = label_objects(m)
+    assert (n > 64) == (n_blobs > 64)
+    sizes = label_sizes(labels, m, n)
+    expected = np.bincount(labels.ravel(), minlength=n + 1)
+    expected[0] = 0
+    np.testing.assert_array_equal(sizes, expected)
 
 
 def test_min_size_then_keep_largest():

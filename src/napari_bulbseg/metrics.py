@@ -38,7 +38,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .errors import InputError
-from .postprocess import STRUCTURE, as_bool_mask
+from .postprocess import STRUCTURE, as_bool_mask, label_sizes
 
 __all__ = [
     "CSV_COLUMNS",
@@ -51,8 +51,10 @@ __all__ = [
     "write_metrics_csv",
 ]
 
-#: dense overlap tables up to this many cells; sparse (np.unique) beyond
+#: dense overlap tables (np.bincount) up to this many cells; np.unique for fewer objects
+#: (faster when few pairs share millions of pixels) or more cells
 _DENSE_OVERLAP_CELLS = 1 << 22
+_FEW_OBJECTS = 64
 
 
 def _ratio(num: float, den: float) -> float:
@@ -140,6 +142,20 @@ class StackMetrics:
     slices: list[int]
     match_iou: float = 0.5
 
+    @classmethod
+    def from_slices(cls, per_slice: Sequence[SliceMetrics], match_iou: float = 0.5) -> StackMetrics:
+        """Pool and average already computed slice metrics (e.g. images of different sizes)."""
+        per_slice = list(per_slice)
+        if not per_slice:
+            raise InputError("No slices to evaluate", "choose at least one slice")
+        return cls(
+            per_slice=per_slice,
+            summary=_pooled(per_slice),
+            mean=_mean(per_slice),
+            slices=[m.index for m in per_slice],
+            match_iou=float(match_iou),
+        )
+
 
 def _check_match_iou(match_iou: float) -> float:
     v = float(match_iou)
@@ -167,10 +183,6 @@ def _pair(truth: Any, pred: Any, ndim: int) -> tuple[np.ndarray, np.ndarray]:
     return t, p
 
 
-def _sizes(labels: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
-    return np.bincount(labels[mask], minlength=n + 1)
-
-
 def _count_matches(
     lt: np.ndarray,
     nt: int,
@@ -186,7 +198,7 @@ def _count_matches(
         return 0
     # sparse overlap table: one entry per (true, predicted) pair that shares pixels
     code = lt[both].astype(np.int64) * (n_p + 1) + lp[both]
-    if (nt + 1) * (n_p + 1) <= _DENSE_OVERLAP_CELLS:
+    if nt + n_p > _FEW_OBJECTS and (nt + 1) * (n_p + 1) <= _DENSE_OVERLAP_CELLS:
         counts = np.bincount(code, minlength=(nt + 1) * (n_p + 1))
         pairs = np.flatnonzero(counts)
         inter = counts[pairs]
@@ -195,7 +207,7 @@ def _count_matches(
     if pairs.size == 0:
         return 0
     ti, pj = np.divmod(pairs, n_p + 1)
-    union = _sizes(lt, t, nt)[ti] + _sizes(lp, p, n_p)[pj] - inter
+    union = label_sizes(lt, t, nt)[ti] + label_sizes(lp, p, n_p)[pj] - inter
     iou = inter / union
     ok = iou > match_iou
     if not ok.any():
@@ -303,13 +315,7 @@ def stack_metrics(
     if not chosen:
         raise InputError("No slices to evaluate", "choose at least one slice")
     per_slice = [slice_metrics(truth[z], pred[z], index=z, match_iou=thr) for z in chosen]
-    return StackMetrics(
-        per_slice=per_slice,
-        summary=_pooled(per_slice),
-        mean=_mean(per_slice),
-        slices=chosen,
-        match_iou=thr,
-    )
+    return StackMetrics.from_slices(per_slice, match_iou=thr)
 
 
 def _check_index(z: Any, n_z: int) -> int:

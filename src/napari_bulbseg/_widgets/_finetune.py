@@ -24,6 +24,7 @@ from ._jobs import start_job, user_message
 from ._layers import as_stack
 from ._models import get_registry
 from ._plot import CurvePlot
+from ._qt import Connections
 from ._session import get_session
 
 LOSSES = ("focal+dice", "bce", "focal", "dice", "bce+dice")
@@ -94,8 +95,9 @@ class FinetuneWidget(Container):
         self.cancel_btn.changed.connect(self.cancel)
         self.repredict_btn.changed.connect(self.repredict)
         self.rollback_btn.changed.connect(self.rollback)
-        s.events.reviewed_changed.connect(self._update_ready)
-        s.events.model_changed.connect(self._update_ready)
+        c = Connections(self.native)
+        c.connect(s.events.reviewed_changed, self._update_ready)
+        c.connect(s.events.model_changed, self._update_ready)
         self._update_ready()
 
     def _update_ready(self) -> None:

@@ -9,25 +9,16 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton
 from napari.layers import Labels
 from napari.utils.notifications import show_info, show_warning
-from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog
 
 from . import _text as T
-from ._autosave import AutoSaver, CorrectionStore
 from ._jobs import start_job
-from ._layers import CORR_RGBA, binary_colormap, diff_colormap, upsert_labels
+from ._layers import diff_colormap, upsert_labels
 from ._metrics_view import MetricsTable
+from ._qt import Connections, single_shot
 from ._session import get_session
 
 _EVENTS = ("paint", "data", "set_data")
-
-
-def _timer(ms: int, slot: Any) -> QTimer:
-    t = QTimer()
-    t.setSingleShot(True)
-    t.setInterval(ms)
-    t.timeout.connect(slot)
-    return t
 
 
 def _stack_job(truth: np.ndarray, pred: np.ndarray, slices: list[int]) -> Any:
@@ -47,8 +38,6 @@ class ReviewWidget(Container):
         self._viewer = viewer
         self._session = s = get_session(viewer)
         self._ref: Labels | None = None
-        self._corr: Labels | None = None
-        self._saver: AutoSaver | None = None
         self._stack_worker: Any = None
         self.stack_result: Any = None
         self.reference = ComboBox(label="Reference", choices=self._ref_choices, nullable=True)
@@ -79,8 +68,9 @@ class ReviewWidget(Container):
         )
         self.native.layout().addWidget(self.table)
         self.extend([self.export_btn, self.saved_lbl])
-        self._slice_timer = _timer(30, self.update_current)
-        self._stack_timer = _timer(300, self.update_stack)
+        self._slice_timer = single_shot(self.native, 30, self.update_current)
+        self._stack_timer = single_shot(self.native, 300, self.update_stack)
+        self._conns = c = Connections(self.native)
         self.reference.changed.connect(self._on_reference)
         self.start_btn.changed.connect(self.start_corrections)
         self.restore_btn.changed.connect(self.restore)
@@ -89,14 +79,22 @@ class ReviewWidget(Container):
         self.reset_btn.changed.connect(self.reset_slice)
         self.export_btn.changed.connect(lambda: self.export_csv())
         for ev in (viewer.layers.events.inserted, viewer.layers.events.removed):
-            ev.connect(lambda _e: self.reference.reset_choices())
-        viewer.dims.events.current_step.connect(self._on_step)
-        s.events.prediction_updated.connect(self._on_prediction)
-        s.events.prediction_started.connect(self._on_started)
-        s.events.reviewed_changed.connect(self._sync_reviewed)
+            c.connect(ev, self._refresh_choices)
+        c.connect(viewer.dims.events.current_step, self._on_step)
+        c.connect(s.events.prediction_updated, self._on_prediction)
+        c.connect(s.events.prediction_started, self._on_started)
+        c.connect(s.events.reviewed_changed, self._sync_reviewed)
+        self.corrections = s.corrections
+        c.connect(self.corrections.saved, self._on_saved)
+        c.connect(self.corrections.offered, self._offer)
+        for layer in viewer.layers:
+            self.corrections.check_saved(layer)
         self._on_started()
 
     # ------------------------------------------------------------------ layers
+    def _refresh_choices(self, _e: Any = None) -> None:
+        self.reference.reset_choices()
+
     def _ref_choices(self, _w: Any = None) -> list[tuple[str, Labels]]:
         own = (T.PRED_SUFFIX, T.DIFF_SUFFIX)
         return [
@@ -139,7 +137,7 @@ class ReviewWidget(Container):
             return
         for name in _EVENTS:
             emitter = getattr(layer.events, name)
-            (emitter.connect if on else emitter.disconnect)(slot)
+            (self._conns.connect if on else self._conns.disconnect)(emitter, slot)
 
     def _on_reference(self, layer: Labels | None) -> None:
         self._connect(self._ref, self._on_ref_edit, False)
@@ -239,60 +237,27 @@ class ReviewWidget(Container):
     def _on_step(self, _e: Any = None) -> None:
         self._sync_reviewed()
         self._slice_timer.start()
-        if self._saver is not None:
-            self._saver.maybe_changed(self._session.displayed())
+        self.corrections.check_displayed()
 
     # ------------------------------------------------------------------ corrections
-    def _store(self) -> CorrectionStore | None:
-        image = self._session.image_layer
-        if image is None:
-            return None
-        source = image.metadata.get("bulbseg_path")
-        return CorrectionStore(image.name, image.data.shape[: image.ndim], source)
+    def _offer(self, text: str) -> None:
+        self.restore_btn.visible = self.restore_lbl.visible = True
+        self.restore_lbl.value = text
 
     def _on_started(self) -> None:
         """A new prediction: offer saved corrections of this image, if any."""
         self.reference.reset_choices()
-        store = self._store()
-        offer = store is not None and store.exists() and self._session.corr_layer is None
-        self.restore_btn.visible = self.restore_lbl.visible = offer
-        if offer:
-            info = store.info()
-            self.restore_lbl.value = T.LBL_RESTORE.format(
-                n=len(info.get("reviewed", [])), when=info.get("saved_at", "?")
-            )
-            show_info(self.restore_lbl.value)
+        image = self._session.image_layer
+        if image is not None and self.corrections.layer is None:
+            self.corrections.check_saved(image)
         self.refresh_all()
 
-    def _attach(self, layer: Labels) -> None:
-        """Make ``layer`` the corrections: autosave it, compare against it, paint on it."""
-        s = self._session
-        if self._saver is not None:
-            self._saver.stop()
-            self._connect(self._corr, self._on_corr_edit, False)
-        self._corr = layer
-        self._saver = AutoSaver(
-            self._store(),
-            lambda: s.layer_for(s.corr_layer),
-            lambda: s.reviewed,
-            on_saved=self._on_saved,
-        )
-        self._connect(layer, self._on_corr_edit, True)
-        self.restore_btn.visible = self.restore_lbl.visible = False
-        self.reference.reset_choices()
-        self.reference.value = layer
-        if s.pred_layer is not None:
-            s.pred_layer.visible = False
-        self._viewer.layers.selection.active = layer
-        layer.mode, layer.selected_label = "paint", 1
-
-    def _on_corr_edit(self, event: Any) -> None:
-        if self._saver is None:
-            return
-        if event.type == "set_data":  # undo / redo (or a refresh): save only if data changed
-            self._saver.maybe_changed(self._session.displayed())
-        else:
-            self._saver.touch()
+    def _use_corrections(self, layer: Labels | None) -> Labels | None:
+        if layer is not None:
+            self.restore_btn.visible = self.restore_lbl.visible = False
+            self.reference.reset_choices()
+            self.reference.value = layer
+        return layer
 
     def _on_saved(self, path: Path) -> None:
         from datetime import datetime
@@ -301,56 +266,15 @@ class ReviewWidget(Container):
 
     def start_corrections(self) -> Labels | None:
         """Copy the prediction into an editable corrections layer (or select the existing one)."""
-        s = self._session
-        if s.corr_layer is not None:
-            self._attach(s.corr_layer)
-            return s.corr_layer
-        if s.pred_layer is None:
-            show_warning(T.MSG_NEED_PRED)
-            return None
-        data = np.array(s.pred_layer.data, dtype=np.uint8, copy=True)
-        layer = upsert_labels(
-            self._viewer,
-            s.image_name + T.CORR_SUFFIX,
-            data,
-            s.image_layer,
-            colormap=binary_colormap(CORR_RGBA),
-            opacity=0.6,
-        )
-        self._attach(layer)
-        self._saver.touch()
-        return layer
+        return self._use_corrections(self.corrections.start())
 
     def restore(self) -> Labels | None:
-        """Load the autosaved corrections and reviewed flags of this image."""
-        s, store = self._session, self._store()
-        if store is None or not store.exists() or s.image_layer is None:
-            return None
-        mask, reviewed = store.load()
-        layer = upsert_labels(
-            self._viewer,
-            s.image_name + T.CORR_SUFFIX,
-            mask,
-            s.image_layer,
-            colormap=binary_colormap(CORR_RGBA),
-            opacity=0.6,
-        )
-        s.reviewed = set(reviewed)
-        s.events.reviewed_changed.emit()
-        self._attach(layer)
-        show_info(T.MSG_RESTORED.format(name=s.image_name, n=len(reviewed)))
-        return layer
+        """Load the autosaved corrections and reviewed flags of the opened image."""
+        return self._use_corrections(self.corrections.restore())
 
     def reset_slice(self) -> None:
         """Put the prediction back into the displayed slice of the corrections (undoable)."""
-        s = self._session
-        corr, pred = s.corr_layer, s.layer_for(s.pred_layer)
-        if corr is None or pred is None:
-            return
-        z = s.displayed()
-        yx = np.nonzero(np.ones(pred.shape[1:], dtype=bool))
-        idx = (np.full(yx[0].shape, z), *yx) if corr.ndim == 3 else yx
-        corr.data_setitem(idx, pred[z][yx])
+        self.corrections.reset_slice()
 
     # ------------------------------------------------------------------ reviewed flags
     def _sync_reviewed(self) -> None:
@@ -359,8 +283,6 @@ class ReviewWidget(Container):
 
     def _on_reviewed(self, value: bool) -> None:
         self._session.set_reviewed(self._session.displayed(), bool(value))
-        if self._saver is not None:
-            self._saver.touch()
         self._stack_timer.start()
 
     def reviewed_next(self) -> None:

@@ -25,6 +25,7 @@ from . import _text as T
 from ._jobs import start_job
 from ._layers import current_index, n_slices
 from ._models import FOLDER, ModelChoice, load_choice, model_choices
+from ._qt import Connections
 from ._session import get_session
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
@@ -93,10 +94,11 @@ class SegmentWidget(Container):
         self.model.changed.connect(self._on_model_choice)
         self.run_btn.changed.connect(self.run)
         self.cancel_btn.changed.connect(self.cancel)
+        c = Connections(self.native)
         for ev in (viewer.layers.events.inserted, viewer.layers.events.removed):
-            ev.connect(self._refresh_images)
-        self._session.events.model_changed.connect(self._refresh_models)
-        self._session.events.predict_requested.connect(self._on_predict_requested)
+            c.connect(ev, self._refresh_images)
+        c.connect(self._session.events.model_changed, self._refresh_models)
+        c.connect(self._session.events.predict_requested, self._on_predict_requested)
         self._on_model_choice()
 
     # ------------------------------------------------------------------ choices

@@ -75,6 +75,10 @@ class Session:
         self._mask_gen: np.ndarray | None = None  # (Z,) spec generation of each written mask
         self._refresher: Any = None
         viewer.dims.events.current_step.connect(self._on_step)
+        from ._corrections import Corrections
+
+        #: the corrections layer and its autosave
+        self.corrections = Corrections(viewer, self)
 
     # ------------------------------------------------------------------ layers
     @property

@@ -15,11 +15,11 @@ from magicgui.widgets import (
     SpinBox,
 )
 from napari.utils.notifications import show_error, show_warning
-from qtpy.QtCore import QTimer
 
 from ..errors import BulbsegError
 from ..postprocess import PostProcess
 from . import _text as T
+from ._qt import Connections, single_shot
 from ._session import get_session
 
 
@@ -79,13 +79,11 @@ class ThresholdWidget(Container):
         self.card_btn.changed.connect(self.use_card)
         self.sweep_btn.changed.connect(self.suggest_from_reviewed)
         self.goto.changed.connect(self._goto)
-        self._flag_timer = QTimer()
-        self._flag_timer.setSingleShot(True)
-        self._flag_timer.setInterval(150)
-        self._flag_timer.timeout.connect(self._update_flags)
-        s.events.spec_changed.connect(self._sync)
-        s.events.model_changed.connect(self._on_model)
-        s.events.counts_changed.connect(self._flag_timer.start)
+        self._flag_timer = single_shot(self.native, 150, self._update_flags)
+        c = Connections(self.native)
+        c.connect(s.events.spec_changed, self._sync)
+        c.connect(s.events.model_changed, self._on_model)
+        c.connect(s.events.counts_changed, self._counts_changed)
         self._on_model()
         self._update_flags()
 
@@ -154,6 +152,9 @@ class ThresholdWidget(Container):
         return t
 
     # ------------------------------------------------------------------ object-count prior
+    def _counts_changed(self) -> None:
+        self._flag_timer.start()
+
     def _update_flags(self) -> None:
         s = self._session
         bad = s.violations

@@ -1,0 +1,45 @@
+"""Qt lifetime helpers: timers owned by a widget, connections undone when it is destroyed."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from qtpy.QtCore import QObject, QTimer
+
+
+def single_shot(parent: QObject, ms: int, slot: Callable[[], Any]) -> QTimer:
+    """A restartable single-shot (debounce) timer that dies with ``parent``."""
+    t = QTimer(parent)
+    t.setSingleShot(True)
+    t.setInterval(ms)
+    t.timeout.connect(slot)
+    return t
+
+
+class Connections:
+    """Connect napari / psygnal emitters to a widget's slots; disconnect all on destruction.
+
+    The viewer and the session outlive a closed dock widget; without this their events would
+    call into deleted Qt objects.
+    """
+
+    def __init__(self, owner: QObject) -> None:
+        self._pairs: list[tuple[Any, Callable]] = []
+        owner.destroyed.connect(self.disconnect_all)
+
+    def connect(self, emitter: Any, slot: Callable) -> None:
+        emitter.connect(slot)
+        self._pairs.append((emitter, slot))
+
+    def disconnect(self, emitter: Any, slot: Callable) -> None:
+        with contextlib.suppress(Exception):
+            emitter.disconnect(slot)
+        self._pairs = [(e, s) for e, s in self._pairs if not (e is emitter and s == slot)]
+
+    def disconnect_all(self, *_: Any) -> None:
+        pairs, self._pairs = self._pairs, []
+        for emitter, slot in pairs:
+            with contextlib.suppress(Exception):
+                emitter.disconnect(slot)

@@ -1,0 +1,136 @@
+"""Threshold & Review widgets on a seeded probability cache (no network), plus autosave restore."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+from napari_bulbseg.metrics import slice_metrics  # noqa: E402
+from napari_bulbseg.postprocess import (  # noqa: E402
+    DIFF_FN,
+    DIFF_FP,
+    PostProcess,
+    difference_map,
+    postprocess_slice,
+)
+
+pytestmark = pytest.mark.gui
+
+
+def _phantom_viewer(make_napari_viewer, n=4, shape=(96, 96)):
+    from napari_bulbseg._sample_data import bulb_phantom_sample
+
+    viewer = make_napari_viewer()
+    for data, meta, kind in bulb_phantom_sample(n_slices=n, shape=shape, seed=3):
+        getattr(viewer, f"add_{kind}")(data, **meta)
+    return viewer
+
+
+def _seed(viewer, image_name="bulb phantom"):
+    """Fill the session's cache with a smooth 'probability' derived from the ground truth."""
+    from scipy import ndimage as ndi
+
+    from napari_bulbseg._widgets._session import get_session
+
+    s = get_session(viewer)
+    gt = viewer.layers[image_name + " ground truth"].data
+    _, prob = s.begin_prediction(viewer.layers[image_name])
+    for z in range(gt.shape[0]):
+        prob[z] = np.clip(ndi.gaussian_filter(gt[z].astype(np.float32), 3), 0, 1)
+        s.slice_predicted(z)
+    return s, gt
+
+
+def test_threshold_review_corrections_autosave(make_napari_viewer, qtbot, bulbseg_home):
+    from napari_bulbseg._widgets import ReviewWidget, ThresholdWidget
+
+    viewer = _phantom_viewer(make_napari_viewer)
+    tw, rw = ThresholdWidget(viewer), ReviewWidget(viewer)
+    viewer.window.add_dock_widget(tw)
+    viewer.window.add_dock_widget(rw)
+    s, gt = _seed(viewer)
+    qtbot.waitUntil(lambda: not s.busy, timeout=5000)
+    pred = s.pred_layer
+    z = s.displayed()
+    assert z == viewer.dims.current_step[0]
+    for k in range(gt.shape[0]):
+        np.testing.assert_array_equal(pred.data[k], postprocess_slice(s.prob[k], s.spec))
+
+    # --- slider: the displayed slice changes at once, others after the background pass
+    before = pred.data.copy()
+    tw.threshold.value = 0.8
+    assert s.spec == PostProcess(threshold=0.8)
+    np.testing.assert_array_equal(pred.data[z], postprocess_slice(s.prob[z], s.spec))
+    assert pred.data[z].sum() < before[z].sum()  # a higher threshold shrinks the mask
+    qtbot.waitUntil(lambda: not s.busy, timeout=5000)
+    for k in range(gt.shape[0]):
+        np.testing.assert_array_equal(pred.data[k], postprocess_slice(s.prob[k], s.spec))
+
+    # --- object prior: 0 objects allowed flags every slice with a bulb
+    tw.expected.value = 1
+    tw.min_size.value = 1
+    qtbot.waitUntil(lambda: not s.busy and len(s.counts) == gt.shape[0], timeout=5000)
+    tw._update_flags()
+    n_obj = [int(c) for _, c in sorted(s.counts.items())]
+    assert s.violations == [k for k, c in enumerate(n_obj) if c > 1]
+
+    # --- review against ground truth: XOR layer and metrics follow the threshold
+    rw.reference.value = viewer.layers["bulb phantom ground truth"]
+    qtbot.waitUntil(lambda: rw.stack_result is not None, timeout=5000)
+    diff = viewer.layers["bulb phantom difference"]
+    np.testing.assert_array_equal(diff.data, difference_map(gt, pred.data))
+    cmap = diff.colormap
+    assert not np.allclose(cmap.map(DIFF_FP), cmap.map(DIFF_FN))
+    tw.threshold.value = 0.2
+    want = difference_map(gt[z], postprocess_slice(s.prob[z], s.spec))
+    qtbot.waitUntil(lambda: np.array_equal(diff.data[z], want), timeout=3000)
+    m = slice_metrics(gt[z], pred.data[z], index=z)
+    assert f"Dice {m.dice:.3f}" in rw.slice_lbl.value
+
+    # --- corrections: a copy of the prediction; painting updates metrics; undo works
+    corr = rw.start_corrections()
+    assert corr is s.corr_layer and rw.reference.value is corr
+    np.testing.assert_array_equal(corr.data, pred.data)
+    assert "Dice 1.000" in rw.slice_lbl.value or rw._slice_timer.isActive()
+    idx = np.nonzero(np.ones((10, 10), bool))
+    corr.data_setitem((np.full(100, z), idx[0] + 2, idx[1] + 2), 1)  # background corner
+    qtbot.waitUntil(lambda: "Dice 1.000" not in rw.slice_lbl.value, timeout=3000)
+    m = slice_metrics(corr.data[z], pred.data[z], index=z)
+    assert m.fn == 100 and f"Dice {m.dice:.3f}" in rw.slice_lbl.value
+    painted = corr.data.copy()
+    corr.undo()
+    np.testing.assert_array_equal(corr.data, pred.data)
+    corr.redo()
+    np.testing.assert_array_equal(corr.data, painted)
+
+    # --- reviewed flags + autosave
+    rw.reviewed.value = True
+    assert s.reviewed == {z}
+    saver = rw.corrections.saver
+    qtbot.waitUntil(lambda: saver.saves > 0 and saver.idle, timeout=5000)
+    mask, reviewed = saver.store.load()
+    np.testing.assert_array_equal(mask, painted)
+    assert reviewed == {z}
+
+    # --- threshold from the reviewed slices (sweep vs corrections)
+    t = tw.suggest_from_reviewed()
+    assert t is not None and 0 < t < 1 and tw.threshold.value == pytest.approx(t)
+
+    # --- export CSV
+    qtbot.waitUntil(lambda: not rw._stack_timer.isActive() and rw._stack_worker is None, timeout=5000)
+    out = rw.export_csv(bulbseg_home / "m.csv")
+    assert out.read_text().count("\n") >= 2
+
+    # --- a fresh viewer with the same image is offered the saved corrections
+    viewer2 = _phantom_viewer(make_napari_viewer)
+    rw2 = ReviewWidget(viewer2)
+    viewer2.window.add_dock_widget(rw2)
+    assert rw2.corrections.offer is viewer2.layers["bulb phantom"]
+    assert not rw2.restore_btn.native.isHidden()
+    restored = rw2.restore()
+    np.testing.assert_array_equal(restored.data, painted)
+    from napari_bulbseg._widgets._session import get_session
+
+    assert get_session(viewer2).reviewed == {z}

@@ -1,0 +1,134 @@
+"""End to end in a real viewer: reader → predict → threshold → correct → fine-tune → re-predict.
+
+Uses a tiny untrained U-Net and a small synthetic bulb stack so the whole flow stays fast.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+from napari_bulbseg import io  # noqa: E402
+from napari_bulbseg.postprocess import difference_map, postprocess_slice  # noqa: E402
+
+pytestmark = pytest.mark.gui
+
+
+def _open_phantom(viewer, tmp_path, n=4, shape=(64, 64)):
+    from napari_bulbseg.phantom import bulb_phantom
+
+    image, mask = bulb_phantom(n_slices=n, shape=shape, seed=2)
+    path = io.write_tiff(tmp_path / "bulbs.tif", image, pixel_size=(0.8, 0.8))
+    io.write_mask(tmp_path / "bulbs_mask.tif", mask)
+    viewer.open(str(path), plugin="napari-bulbseg")
+    return viewer.layers["bulbs"], viewer.layers["bulbs ground truth"]
+
+
+def _segment(viewer, folder):
+    from napari_bulbseg._widgets import SegmentWidget
+    from napari_bulbseg._widgets._models import FOLDER
+
+    w = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.model.value = next(c for c in w.model.choices if c.kind == FOLDER)
+    w.folder.value = folder
+    w.tile.value, w.overlap.value = 64, 8
+    return w
+
+
+def test_workflow_end_to_end(make_napari_viewer, qtbot, tmp_path, tiny_model_dir, bulbseg_home):
+    from napari_bulbseg._widgets import FinetuneWidget, ReviewWidget, ThresholdWidget
+    from napari_bulbseg._widgets._models import get_registry
+    from napari_bulbseg._widgets._session import get_session
+
+    viewer = make_napari_viewer()
+    image, gt = _open_phantom(viewer, tmp_path)
+    assert image.scale[1:] == pytest.approx((0.8, 0.8))
+    viewer.dims.set_point(0, 2.0)  # look at slice 2: it is predicted first
+    seg = _segment(viewer, tiny_model_dir)
+    s = get_session(viewer)
+    order = []
+    s.events.prediction_updated.connect(order.append)
+    seg.run()
+    qtbot.waitUntil(lambda: not seg.running, timeout=30000)
+    assert order[0] == 2
+    assert s.done.all() and s.prob.dtype == np.float16
+    assert all(s.prob[z].std() > 0 for z in range(4))
+    qtbot.waitUntil(lambda: not s.busy, timeout=5000)
+    pred = s.pred_layer
+    assert pred.data.shape == gt.data.shape and pred.scale[1:] == pytest.approx((0.8, 0.8))
+
+    # --- slider → the displayed slice follows at once; XOR layer follows the prediction
+    tw, rw = ThresholdWidget(viewer), ReviewWidget(viewer)
+    viewer.window.add_dock_widget(tw)
+    viewer.window.add_dock_widget(rw)
+    rw.reference.value = gt
+    t = float(np.median(s.prob[2]))
+    tw.threshold.value = round(t, 2)
+    np.testing.assert_array_equal(pred.data[2], postprocess_slice(s.prob[2], s.spec))
+    diff = viewer.layers["bulbs difference"]
+    want = difference_map(gt.data[2], pred.data[2])
+    qtbot.waitUntil(lambda: np.array_equal(diff.data[2], want), timeout=3000)
+
+    # --- corrections on slices 0..3 = the ground truth; all reviewed
+    corr = rw.start_corrections()
+    idx = np.nonzero(gt.data != corr.data)
+    corr.data_setitem(idx, gt.data[idx])
+    np.testing.assert_array_equal(corr.data, gt.data)
+    for k in range(4):
+        s.set_reviewed(k, True)
+
+    # --- fine-tune a few steps → a new registry version, current, loaded in the session
+    ft = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(ft)
+    ft.epochs.value, ft.steps.value, ft.patch.value = 1, 2, 32
+    ft.start()
+    qtbot.waitUntil(lambda: not ft.running, timeout=60000)
+    assert ft.result is not None, ft.status.value
+    reg = get_registry()
+    assert reg.current() == ft.result.version_id == s.model_version
+    assert len(ft.plot.loss) == 2 and len(ft.plot.dice) == 1
+    assert "Validation Dice" in ft.result_lbl.value
+
+    # --- re-predict with the new model through the Segment widget
+    old = s.prob.copy()
+    ft.repredict()
+    qtbot.waitUntil(lambda: not seg.running and s.done.all(), timeout=30000)
+    assert seg.model.value.version == ft.result.version_id
+    assert not np.array_equal(old, s.prob)
+
+
+def test_cancel_prediction_and_finetune(
+    make_napari_viewer, qtbot, tmp_path, tiny_model_dir, bulbseg_home
+):
+    from napari_bulbseg._widgets import FinetuneWidget
+    from napari_bulbseg._widgets._models import get_registry
+    from napari_bulbseg._widgets._session import get_session
+
+    viewer = make_napari_viewer()
+    _open_phantom(viewer, tmp_path, n=12, shape=(128, 128))
+    seg = _segment(viewer, tiny_model_dir)
+    s = get_session(viewer)
+    seg.run()
+    qtbot.waitUntil(lambda: s.done is not None and s.done.any(), timeout=30000)
+    seg.cancel()
+    qtbot.waitUntil(lambda: not seg.running, timeout=10000)
+    assert "cancelled" in seg.status.value and not s.done.all()
+
+    # fine-tune: cancel after the first step; nothing is saved
+    corr = s.corrections.start()
+    for k in np.flatnonzero(s.done):
+        s.set_reviewed(int(k), True)
+    s.set_reviewed(int(np.flatnonzero(s.done)[0]) + 1, True)  # need two samples
+    assert corr is not None
+    ft = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(ft)
+    ft.epochs.value, ft.steps.value, ft.patch.value = 50, 50, 32
+    ft.start()
+    qtbot.waitUntil(lambda: len(ft.plot.loss) > 0, timeout=30000)
+    ft.cancel()
+    qtbot.waitUntil(lambda: not ft.running, timeout=10000)
+    assert ft.result is None and "cancelled" in ft.status.value
+    assert [v.id for v in get_registry().list_versions(include_bundled=False)] == []
