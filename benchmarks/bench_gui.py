@@ -79,7 +79,10 @@ def bench_slider(viewer, qapp, size: int, n_values: int) -> dict[str, float]:
         while s.busy:  # let the background pass finish so moves do not queue up
             qapp.processEvents()
             time.sleep(0.001)
-    assert np.array_equal(pred.data[1], (prob[1] >= np.float16(s.spec.threshold)).astype(np.uint8))
+    from napari_bulbseg.postprocess import postprocess_slice
+
+    if not np.array_equal(pred.data[1], postprocess_slice(prob[1], s.spec)):
+        raise RuntimeError("the displayed slice does not match the slider")
     # reference: napari alone — write a ready mask and refresh
     ref = []
     masks = [(prob[1] >= t).astype(np.uint8) for t in values]

@@ -74,7 +74,7 @@ def test_samples_from_slices_copies_and_validates():
 
 def test_split_is_stable_and_keeps_parent_sides():
     samples = [disc_sample(i) for i in range(40)]
-    train, val, split = split_train_val(samples, 0.25, salt="s")
+    _train, val, split = split_train_val(samples, 0.25, salt="s")
     assert 4 <= len(val) <= 18  # ~10 expected
     again = split_train_val(list(reversed(samples)), 0.25, salt="s")[2]
     assert set(again.val) == set(split.val)
@@ -85,7 +85,7 @@ def test_split_is_stable_and_keeps_parent_sides():
     assert set(split.train) <= set(bigger.train)
     # a parent's placement wins over the hash (here: every side flipped) and its salt is used
     parent = Split(train=list(split.val), val=list(split.train), salt="s")
-    tr, va, child = split_train_val(samples, 0.25, salt="other", parent=parent)
+    _tr, va, child = split_train_val(samples, 0.25, salt="other", parent=parent)
     assert set(child.val) == set(split.train)
     assert child.salt == "s"
     assert {s.key for s in va} == set(split.train)
@@ -99,7 +99,7 @@ def test_split_small_sets_and_explicit_val():
     train, val, _ = split_train_val([disc_sample(0)], 0.5)
     assert len(train) + len(val) == 1
     # duplicates count once
-    train, val, _ = split_train_val(two + [disc_sample(0)], 0.2)
+    train, val, _ = split_train_val([*two, disc_sample(0)], 0.2)
     assert len(train) + len(val) == 2
     explicit = [disc_sample(9)]
     train, val, split = split_train_val(two, 0.5, val_samples=explicit)
@@ -125,7 +125,7 @@ def test_patches_are_deterministic_and_foreground_aware():
     a = PatchSampler(prepared, 16, foreground_fraction=1.0, augment=Augment())
     b = PatchSampler(prepared, 16, foreground_fraction=1.0, augment=Augment())
     xa, ya, va = a.batch(8, np.random.default_rng(5))
-    xb, yb, vb = b.batch(8, np.random.default_rng(5))
+    xb, yb, _vb = b.batch(8, np.random.default_rng(5))
     np.testing.assert_array_equal(xa, xb)
     np.testing.assert_array_equal(ya, yb)
     assert xa.shape == (8, 1, 16, 16) and ya.shape == va.shape == (8, 1, 16, 16)
@@ -156,7 +156,7 @@ def test_augmentation_keeps_image_and_mask_aligned():
     aug = Augment(scale=0.0, gamma=0.0, noise=0.0)
     seen = set()
     for seed in range(12):
-        x, y, v = aug(img, mask, np.ones_like(mask), np.random.default_rng(seed))
+        x, y, _v = aug(img, mask, np.ones_like(mask), np.random.default_rng(seed))
         np.testing.assert_array_equal(x, y)
         seen.add(x.tobytes())
     assert len(seen) > 3  # flips and rotations really happen

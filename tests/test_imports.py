@@ -54,6 +54,8 @@ def test_no_pickle_paths_in_package():
     import napari_bulbseg
 
     pkg = pathlib.Path(napari_bulbseg.__file__).parent
-    pat = re.compile(r"torch\.load\(|pickle\.loads?\(|^\s*import pickle|weights_only\s*=\s*False", re.M)
+    pat = re.compile(
+        r"torch\.load\(|pickle\.loads?\(|^\s*import pickle|weights_only\s*=\s*False", re.M
+    )
     hits = [str(p) for p in pkg.rglob("*.py") if pat.search(p.read_text(encoding="utf-8"))]
     assert hits == []

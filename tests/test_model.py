@@ -57,7 +57,10 @@ def test_save_load_roundtrip(tmp_path, small):
     # the card records the weights' real hash
     import hashlib
 
-    assert loaded.card.weights["sha256"] == hashlib.sha256((out / WEIGHTS_NAME).read_bytes()).hexdigest()
+    assert (
+        loaded.card.weights["sha256"]
+        == hashlib.sha256((out / WEIGHTS_NAME).read_bytes()).hexdigest()
+    )
 
 
 def test_float16_weights_are_smaller_and_close(tmp_path, small):
@@ -175,7 +178,10 @@ def test_pickle_is_refused_without_running(tmp_path):
     card = ModelCard()
     import hashlib
 
-    card.weights = {"file": WEIGHTS_NAME, "sha256": hashlib.sha256((d / WEIGHTS_NAME).read_bytes()).hexdigest()}
+    card.weights = {
+        "file": WEIGHTS_NAME,
+        "sha256": hashlib.sha256((d / WEIGHTS_NAME).read_bytes()).hexdigest(),
+    }
     (d / CARD_NAME).write_text(card.to_json())
     with pytest.raises(ModelError):
         load_model(d)

@@ -119,7 +119,9 @@ def test_threshold_review_corrections_autosave(make_napari_viewer, qtbot, bulbse
     assert t is not None and 0 < t < 1 and tw.threshold.value == pytest.approx(t)
 
     # --- export CSV
-    qtbot.waitUntil(lambda: not rw._stack_timer.isActive() and rw._stack_worker is None, timeout=5000)
+    qtbot.waitUntil(
+        lambda: not rw._stack_timer.isActive() and rw._stack_worker is None, timeout=5000
+    )
     out = rw.export_csv(bulbseg_home / "m.csv")
     assert out.read_text().count("\n") >= 2
 

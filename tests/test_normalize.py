@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 
 from napari_bulbseg.errors import InputError, ModelError
-from napari_bulbseg.normalize import Normalization, convert_channels, normalize_channel, prepare_image
+from napari_bulbseg.normalize import (
+    Normalization,
+    convert_channels,
+    normalize_channel,
+    prepare_image,
+)
 
 
 def test_percentiles_map_to_unit_range():

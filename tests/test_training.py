@@ -125,6 +125,7 @@ def test_same_seed_same_run():
     samples = discs(5, seed=2)
     a = train(tiny(steps_per_epoch=3), samples)
     b = train(tiny(steps_per_epoch=3), samples)
+
     def strip(history):
         return [{k: v for k, v in h.items() if k != "elapsed_s"} for h in history]
 
@@ -147,7 +148,9 @@ def test_early_stopping_and_time_budget():
 
 def test_stopping_mid_run_writes_nothing(registry):
     before = tree(registry.root)
-    gen = iter_train(tiny(epochs=3), discs(4, seed=4), base=registry.load("v001"), registry=registry)
+    gen = iter_train(
+        tiny(epochs=3), discs(4, seed=4), base=registry.load("v001"), registry=registry
+    )
     kinds = [next(gen).kind for _ in range(4)]
     assert "step" in kinds
     gen.close()  # what napari's worker.quit() amounts to

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import re
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import BulbsegError, CancelledError, InputError
+from .errors import BulbsegError, CancelledError, InputError, ModelError
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
@@ -38,7 +41,8 @@ class ProgressBar:
             n = int(frac * self.width)
             bar = "#" * n + "-" * (self.width - n)
             self.stream.write(
-                f"\r{self.label} [{bar}] {100 * frac:5.1f}% {elapsed:6.1f}s eta {eta:5.0f}s {message[:40]:<40}"
+                f"\r{self.label} [{bar}] {100 * frac:5.1f}% {elapsed:6.1f}s "
+                f"eta {eta:5.0f}s {message[:40]:<40}"
             )
             self.stream.flush()
         else:
@@ -77,14 +81,25 @@ def _run_with_bar(gen: Any, label: str) -> Any:
 # --------------------------------------------------------------------------- helpers
 
 
-def _collect_inputs(paths: Sequence[str]) -> list[Path]:
+def _collect_inputs(paths: Sequence[str], skip_outputs_in: Path | None = None) -> list[Path]:
+    """Image files named or found in the folders named; in the folder ``skip_outputs_in``
+    (the output folder), this command's own ``*_mask`` / ``*_prob`` files are not inputs."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(
+                q
+                for q in p.iterdir()
+                if q.is_file()
+                and not q.name.startswith(".")
+                and q.suffix.lower() in IMAGE_SUFFIXES
+                and not (_same_dir(p, skip_outputs_in) and _is_our_output(q))
+            )
             if not found:
-                raise InputError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in folder {p}",
-                                 "point at a folder of TIFF/PNG/JPEG images")
+                raise InputError(
+                    f"No images ({', '.join(IMAGE_SUFFIXES)}) in folder {p}",
+                    "point at a folder of TIFF/PNG/JPEG images",
+                )
             files.extend(found)
         elif p.is_file():
             files.append(p)
@@ -93,12 +108,55 @@ def _collect_inputs(paths: Sequence[str]) -> list[Path]:
     return files
 
 
+def _same_dir(a: Path, b: Path | None) -> bool:
+    if b is None:
+        return False
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _is_our_output(path: Path) -> bool:
+    return _stem(path).endswith(("_mask", "_prob"))
+
+
+_VERSION_SPEC = re.compile(r"^(v\d{3,}|current|bundled(:[0-9a-f]*)?)$")
+
+
+def _select_device(device: str) -> Any:
+    """``torch.device`` for ``--device``, refusing a GPU that is not there (clear message)."""
+    import torch
+
+    name = str(device).strip().lower()
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(
+            f"--device {device}: no CUDA GPU is available to this PyTorch",
+            "use --device auto (GPU when there is one, else CPU) or --device cpu",
+        )
+    if name == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise InputError(
+                "--device mps: Apple's Metal GPU is not available here",
+                "use --device auto or --device cpu",
+            )
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise InputError(f"Unknown device {device!r}", "use auto, cpu, cuda or mps") from e
+
+
 def _load_model(spec: str, device: str) -> Any:
     """``bundled``, a registry version id, or a model folder."""
-    from .inference import select_device
     from .model import load_model
 
-    dev = select_device(device)
+    dev = _select_device(device)
     if spec in ("bundled", "default"):
         from .model import bundled_model_dir
 
@@ -106,9 +164,47 @@ def _load_model(spec: str, device: str) -> Any:
     p = Path(spec)
     if p.exists() or os.sep in spec or spec.endswith((".json", ".safetensors", ".pt", ".pth")):
         return load_model(p, device=dev)
+    if not _VERSION_SPEC.match(spec):
+        raise ModelError(
+            f"No model at {spec}: no such folder, and not a version id",
+            "give a model folder (model.json + weights.safetensors), a version id such as "
+            "v002, 'current' or 'bundled'",
+        )
     from .registry import Registry
 
     return Registry().load(spec, device=dev)
+
+
+def _prepare_output_dir(path: str) -> Path:
+    """Create the output folder (or check it) and prove it is writable, before any work."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(
+            f"The output {out} is an existing file, not a folder",
+            "give a folder for the results (it is created if it does not exist)",
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".bulbseg-write-test-"):
+            pass
+    except OSError as e:
+        raise InputError(
+            f"Cannot write to the output folder {out}: {e.strerror or e}",
+            "choose a folder you can write to (check permissions and free space)",
+        ) from e
+    return out
+
+
+def _check_unique_outputs(files: Sequence[Path]) -> None:
+    seen: dict[str, Path] = {}
+    for f in files:
+        stem = _stem(f)
+        if stem in seen:
+            raise InputError(
+                f"{seen[stem]} and {f} would both be written as {stem}_mask.tif",
+                "predict them into different output folders, or rename one of them",
+            )
+        seen[stem] = f
 
 
 def _postprocess_from(args: argparse.Namespace, card: Any) -> Any:
@@ -126,18 +222,31 @@ def _postprocess_from(args: argparse.Namespace, card: Any) -> Any:
 
 
 def _add_predict_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="bundled",
-                   help="'bundled' (default), a model folder, or a registry version id")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, mps, cpu")
+    p.add_argument(
+        "--model",
+        default="bundled",
+        help="'bundled' (default), a model folder, or a registry version id",
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, mps, cpu"
+    )
     p.add_argument("--tile", type=int, default=None, help="largest tile side in pixels")
     p.add_argument("--overlap", type=int, default=None, help="overlap between tiles in pixels")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass")
     p.add_argument("--tta", action="store_true", help="average over flips and 90° rotations")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="probability threshold (default: the model card's validated threshold)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="probability threshold (default: the model card's validated threshold)",
+    )
     p.add_argument("--min-size", type=int, default=None, help="remove objects smaller than this")
-    p.add_argument("--keep-largest", type=int, default=None,
-                   help="keep the N largest objects per slice (0 = all)")
+    p.add_argument(
+        "--keep-largest",
+        type=int,
+        default=None,
+        help="keep the N largest objects per slice (0 = all)",
+    )
     p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=None)
 
 
@@ -169,9 +278,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .io import write_mask, write_tiff
     from .postprocess import postprocess_stack
 
-    files = _collect_inputs(args.inputs)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _prepare_output_dir(args.output)
+    files = _collect_inputs(args.inputs, skip_outputs_in=out)
+    _check_unique_outputs(files)
     loaded = _load_model(args.model, args.device)
     spec = _postprocess_from(args, loaded.card)
     options = _predict_options(args)
@@ -219,18 +328,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     missing = sorted(set(truths) - set(preds))
     if missing:
-        print(f"warning: {len(missing)} truth file(s) have no prediction, e.g. {missing[0]}",
-              file=sys.stderr)
+        print(
+            f"warning: {len(missing)} truth file(s) have no prediction, e.g. {missing[0]}",
+            file=sys.stderr,
+        )
     t_planes, p_planes, names = [], [], []
     for stem in common:
         t, p = read_mask(truths[stem]), read_mask(preds[stem])
-        t = t[None] if t.ndim == 2 else t
-        p = p[None] if p.ndim == 2 else p
         if t.shape != p.shape:
             raise InputError(
-                f"{stem}: prediction shape {p.shape} differs from truth shape {t.shape}",
+                f"{stem}: prediction shape {p.shape} ({preds[stem].name}) differs from truth "
+                f"shape {t.shape} ({truths[stem].name})",
                 "predict on the same images the truth was drawn on",
             )
+        t = t[None] if t.ndim == 2 else t
+        p = p[None] if p.ndim == 2 else p
         for z in range(t.shape[0]):
             t_planes.append(t[z])
             p_planes.append(p[z])
@@ -250,8 +362,10 @@ def _metrics_ragged(t_planes: list, p_planes: list, match_iou: float) -> Any:
     """Stack metrics over images of different sizes: pool per-slice metrics."""
     from .metrics import StackMetrics, slice_metrics
 
-    per = [slice_metrics(t, p, index=i, match_iou=match_iou)
-           for i, (t, p) in enumerate(zip(t_planes, p_planes))]
+    per = [
+        slice_metrics(t, p, index=i, match_iou=match_iou)
+        for i, (t, p) in enumerate(zip(t_planes, p_planes))
+    ]
     return StackMetrics.from_slices(per)
 
 
@@ -260,11 +374,15 @@ def _print_metrics(result: Any, names: Sequence[str] | None = None) -> None:
     print(head)
     for m in result.per_slice:
         name = names[m.index] if names and m.index < len(names) else str(m.index)
-        print(f"{name[:40]:<40} {m.dice:7.4f} {m.iou:7.4f} {m.pixel_error:8.5f} "
-              f"{m.hits:5d} {m.misses:5d} {m.false_positives:5d}")
+        print(
+            f"{name[:40]:<40} {m.dice:7.4f} {m.iou:7.4f} {m.pixel_error:8.5f} "
+            f"{m.hits:5d} {m.misses:5d} {m.false_positives:5d}"
+        )
     s = result.summary
-    print(f"{'pooled (all pixels, all objects)':<40} {s.dice:7.4f} {s.iou:7.4f} "
-          f"{s.pixel_error:8.5f} {s.hits:5d} {s.misses:5d} {s.false_positives:5d}")
+    print(
+        f"{'pooled (all pixels, all objects)':<40} {s.dice:7.4f} {s.iou:7.4f} "
+        f"{s.pixel_error:8.5f} {s.hits:5d} {s.misses:5d} {s.false_positives:5d}"
+    )
     mean = result.mean
     print(f"{'mean of slices':<40} {mean.dice:7.4f} {mean.iou:7.4f} {mean.pixel_error:8.5f}")
 
@@ -276,8 +394,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     card = loaded.card
     print(f"model      {loaded.name}   ({loaded.path})")
     print(f"arch       {card.architecture}")
-    print(f"input      {card.in_channels} channel(s), policy {card.channel_policy}, "
-          f"normalisation {card.normalization}")
+    print(
+        f"input      {card.in_channels} channel(s), policy {card.channel_policy}, "
+        f"normalisation {card.normalization}"
+    )
     print(f"threshold  {card.threshold} (post-processing {card.postprocess})")
     print(f"parent     {card.parent}   created {card.created}")
     if card.metrics:
@@ -301,6 +421,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.time_budget is not None:
         kw["time_budget_s"] = args.time_budget
     config = TrainConfig(**kw)
+    config.validate()  # before reading any data: bad settings fail at once
+    _select_device(args.device)
     samples = samples_from_folders(args.images, args.masks)
     val = None
     if args.val_images or args.val_masks:
@@ -309,9 +431,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         val = samples_from_folders(args.val_images, args.val_masks)
     base = _load_model(args.base, args.device) if args.base else None
     registry = Registry()
-    print(f"training on {len(samples)} image(s)"
-          + (f", validating on {len(val)}" if val else " (validation split fixed by content hash)")
-          + (f", from {base.name}" if base else " from scratch"), file=sys.stderr)
+    print(
+        f"training on {len(samples)} image(s)"
+        + (f", validating on {len(val)}" if val else " (validation split fixed by content hash)")
+        + (f", from {base.name}" if base else " from scratch"),
+        file=sys.stderr,
+    )
     result = _run_with_bar(
         iter_train(config, samples, val_samples=val, base=base, name=args.name, registry=registry),
         "train",
@@ -327,19 +452,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .postprocess import PostProcess, difference_map, postprocess_stack
 
     sample = Path(__file__).parent / "sample"
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _prepare_output_dir(args.output)
     loaded = _load_model(args.model, args.device)
     stack = read_stack(sample / "bbbc039_sample.tif")
     truth = read_stack(sample / "bbbc039_sample_mask.tif").data
     truth = (truth > 0).astype("uint8")
-    print(f"demo: {stack.n_slices} BBBC039 validation slices {stack.shape[1:]} "
-          f"with model {loaded.name} on {loaded.device}", file=sys.stderr)
+    print(
+        f"demo: {stack.n_slices} BBBC039 validation slices {stack.shape[1:]} "
+        f"with model {loaded.name} on {loaded.device}",
+        file=sys.stderr,
+    )
     from .inference import PredictOptions, iter_predict
 
     prob = _run_with_bar(iter_predict(loaded, stack, PredictOptions(device=args.device)), "predict")
-    spec = PostProcess.from_dict({**(loaded.card.postprocess or {}),
-                                  "threshold": loaded.card.threshold})
+    spec = PostProcess.from_dict(
+        {**(loaded.card.postprocess or {}), "threshold": loaded.card.threshold}
+    )
     mask = postprocess_stack(prob, spec)
     from .metrics import stack_metrics
 
@@ -349,16 +477,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     write_mask(out / "mask.tif", mask)
     write_metrics_csv(out / "metrics.csv", result)
     png = save_overview(out / "overview.png", stack.data, mask, difference_map(truth, mask))
-    print(f"threshold {spec.threshold:.2f}; wrote {out}/probabilities.tif, mask.tif, metrics.csv, "
-          f"{png.name}")
+    print(
+        f"threshold {spec.threshold:.2f}; wrote {out}/probabilities.tif, mask.tif, metrics.csv, "
+        f"{png.name}"
+    )
     return 0
 
 
 # --------------------------------------------------------------------------- entry point
 
 
+class UsageError(Exception):
+    """A command line that argparse cannot parse (reported in one line by :func:`main`)."""
+
+    def __init__(self, message: str, prog: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors raise :class:`UsageError` instead of printing and exiting."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise UsageError(message, self.prog)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="bulbseg", description="U-Net segmentation of microscopy stacks")
+    ap = _Parser(prog="bulbseg", description="U-Net segmentation of microscopy stacks")
     ap.add_argument("--version", action="version", version=f"napari-bulbseg {__version__}")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -382,8 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", required=True)
     p.add_argument("--val-images")
     p.add_argument("--val-masks")
-    p.add_argument("--from", dest="base", default=None,
-                   help="fine-tune this model ('bundled', a folder or a version id)")
+    p.add_argument(
+        "--from",
+        dest="base",
+        default=None,
+        help="fine-tune this model ('bundled', a folder or a version id)",
+    )
     p.add_argument("--name", default="model")
     p.add_argument("--loss", default="focal+dice", help="bce, focal, dice or focal+dice")
     p.add_argument("--epochs", type=int)
@@ -409,29 +558,69 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _one_line(text: str) -> str:
+    """Collapse whitespace (newlines included) so that every error is one line."""
+    return " ".join(str(text).split())
+
+
+def _fail(message: str) -> int:
+    print(_one_line(f"bulbseg: error: {message}"), file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``bulbseg`` command; returns the exit status (0 ok, 2 error, 130 cancelled).
+
+    Every failure is reported as ONE line on stderr starting ``bulbseg: error:`` (the problem,
+    then what to do), without a traceback unless ``--debug`` is given. Outputs are written
+    atomically, so an interrupted run never leaves a file that looks complete but is not.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        return _fail(f"{e} — see '{e.prog} --help'")
+    except SystemExit as e:  # --help and --version print and "exit" successfully
+        return e.code if isinstance(e.code, int) else 0
+    debug = bool(getattr(args, "debug", False))
     try:
         return int(args.func(args) or 0)
     except CancelledError as e:
-        print(f"bulbseg: cancelled: {e}", file=sys.stderr)
+        print(_one_line(f"bulbseg: cancelled: {e}"), file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("bulbseg: cancelled; no partial output was written as complete", file=sys.stderr)
         return 130
     except BulbsegError as e:
-        if args.debug:
+        if debug:
             raise
-        print(f"bulbseg: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
+    except MemoryError:
+        if debug:
+            raise
+        return _fail(
+            "not enough memory — use a smaller --tile or --batch-size, close other programs, "
+            "or process fewer files at once"
+        )
     except OSError as e:
-        if args.debug:
+        if debug:
             raise
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"bulbseg: error: {e.strerror or e}{where} — check the path, its permissions and "
-              "free disk space", file=sys.stderr)
-        return 2
+        if e.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)):
+            return _fail(
+                f"the disk is full or the file too large: {e.strerror or e}{where} — free disk "
+                "space or write elsewhere; files and model versions written before are intact"
+            )
+        return _fail(
+            f"{e.strerror or e}{where} — check the path, its permissions and free disk space"
+        )
+    except Exception as e:  # a bug: still one line, the traceback behind --debug
+        if debug:
+            raise
+        return _fail(
+            f"unexpected {type(e).__name__}: {e} — this is a bug in napari-bulbseg; re-run "
+            "with --debug for the traceback and report it"
+        )
 
 
 if __name__ == "__main__":

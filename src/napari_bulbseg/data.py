@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from . import io as bio
 from .errors import InputError
 from .normalize import Normalization, prepare_image
 
@@ -65,9 +66,7 @@ def make_sample(image: Any, mask: Any, source: str = "") -> Sample:
             f"Training image {source or ''} has shape {img.shape}",
             "give a 2D image (Y, X) or (Y, X, C)",
         )
-    from .io import to_binary_mask
-
-    m = to_binary_mask(mask, f"The mask of {source or 'a training image'}")
+    m = bio.to_binary_mask(mask, f"The mask of {source or 'a training image'}")
     if m.shape != img.shape[:2]:
         raise InputError(
             f"Mask shape {m.shape} does not match image shape {img.shape[:2]}"
@@ -85,8 +84,6 @@ def samples_from_folders(
     ``masks_dir=None``: ``images_dir`` holds ``images/`` and ``masks/``. The keys depend on the
     pixels only, not on file names or locations.
     """
-    from . import io as bio
-
     pairs = bio.list_pairs(images_dir, masks_dir)
     if not pairs:
         raise InputError(
@@ -113,6 +110,12 @@ def samples_from_slices(
     if masks.ndim == 2:
         masks = masks[None]
     n = masks.shape[0]
+    n_img = image_stack.n_slices if hasattr(image_stack, "n_slices") else len(stack)
+    if n_img != n:
+        raise InputError(
+            f"The image stack has {n_img} slices but the mask stack {n}",
+            "use the mask layer painted on this image",
+        )
     idx = list(range(n)) if indices is None else [int(i) for i in indices]
     if not idx:
         raise InputError("No slices selected for training", "paint or pick at least one slice")

@@ -1219,6 +1219,11 @@ def write_tiff(
         and arr.dtype in _IMAGEJ_DTYPES
         and (not is_rgb or (arr.dtype == np.uint8 and arr.shape[-1] == 3))
     )
+    if not is_rgb and not ome and axes.endswith("X") and arr.shape[-1] == 1:
+        # An image one pixel wide: tifffile would take the trailing length-1 axis for TIFF
+        # samples and write a (…, 1, Y) page, transposed. An explicit single sample keeps Y, X.
+        arr = arr[..., np.newaxis]
+        axes += "S"
     if ome:
         meta: dict[str, Any] = {"axes": axes}
         if py is not None:

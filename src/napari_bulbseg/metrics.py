@@ -380,17 +380,26 @@ def write_metrics_csv(path: str | os.PathLike[str], metrics: StackMetrics) -> Pa
     The ``mean`` row leaves the count columns empty (averaged counts mean nothing).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder", "give a file name for the CSV, e.g. metrics.csv")
+    rows = _csv_rows(metrics)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise InputError(
+            f"Cannot write to folder {path.parent}: {e.strerror or e}",
+            "choose a folder you can write to (check permissions and free space)",
+        ) from e
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(CSV_COLUMNS)
-            writer.writerows(_csv_rows(metrics))
+            writer.writerows(rows)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException:  # OSError (disk full, permissions) propagates; the old file stays
         Path(tmp).unlink(missing_ok=True)
         raise
     return path

@@ -56,7 +56,9 @@ class UNetConfig:
         for name in ("in_channels", "out_channels", "base_channels", "depth"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ModelError(f"Invalid U-Net setting {name}={v!r}", "it must be an integer >= 1")
+                raise ModelError(
+                    f"Invalid U-Net setting {name}={v!r}", "it must be an integer >= 1"
+                )
         if self.depth > 7:
             raise ModelError(f"U-Net depth {self.depth} is too deep", "use a depth of 1 to 7")
 
@@ -73,9 +75,13 @@ class UNetConfig:
         if d.get("type", "unet") != "unet":
             raise ModelError(f"Unknown architecture {d.get('type')!r}", "this version knows 'unet'")
         try:
-            return cls(**{k: d[k] for k in ("in_channels", "out_channels", "base_channels", "depth")})
+            return cls(
+                **{k: d[k] for k in ("in_channels", "out_channels", "base_channels", "depth")}
+            )
         except KeyError as e:
-            raise ModelError(f"The model card's architecture lacks {e}", "re-export the model") from e
+            raise ModelError(
+                f"The model card's architecture lacks {e}", "re-export the model"
+            ) from e
 
 
 class ConvBlock(nn.Sequential):
@@ -234,16 +240,83 @@ class ModelCard:
                 "upgrade napari-bulbseg to load this model",
             )
         known = set(cls.__dataclass_fields__)
+        for key, kind in _CARD_FIELD_TYPES.items():
+            if key in d and not isinstance(d[key], kind):
+                raise ModelError(
+                    f"{source} has an invalid {key!r} entry (a {type(d[key]).__name__}, "
+                    f"expected a {kind.__name__})",
+                    "the card was edited or damaged; re-export the model",
+                )
         card = cls(**{k: v for k, v in d.items() if k in known})
         card.unet_config  # noqa: B018 - validates the architecture
-        card.norm  # noqa: B018 - validates the normalisation
         try:
-            card.threshold = float(card.threshold)
+            card.norm  # noqa: B018 - validates the normalisation
         except (TypeError, ValueError) as e:
-            raise ModelError(f"{source} has a non-numeric threshold", "fix or re-export it") from e
-        if not 0.0 <= card.threshold <= 1.0:
-            raise ModelError(f"{source} has threshold {card.threshold} outside [0, 1]", "fix it")
+            raise ModelError(
+                f"{source} has an invalid normalisation {card.normalization!r}", "re-export it"
+            ) from e
+        t = card.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise ModelError(f"{source} has a non-numeric threshold {t!r}", "fix or re-export it")
+        card.threshold = float(t)
+        if not 0.0 < card.threshold <= 1.0:  # NaN fails too
+            raise ModelError(
+                f"{source} has threshold {card.threshold} outside (0, 1]",
+                "fix the threshold in model.json (e.g. 0.5) or re-export the model",
+            )
+        _check_card_postprocess(card, source)
+        _weights_file_name(card, source)
         return card
+
+
+#: JSON types of the card's structured entries (anything else is a damaged card)
+_CARD_FIELD_TYPES: dict[str, type] = {
+    "name": str,
+    "architecture": dict,
+    "normalization": dict,
+    "channel_policy": str,
+    "postprocess": dict,
+    "threshold_curve": list,
+    "metrics": dict,
+    "training": dict,
+    "version": str,
+    "description": str,
+    "software": dict,
+    "weights": dict,
+}
+
+
+def _check_card_postprocess(card: ModelCard, source: str) -> None:
+    from .errors import InputError
+    from .postprocess import PostProcess
+
+    try:
+        PostProcess.from_dict({**card.postprocess, "threshold": card.threshold})
+    except (InputError, TypeError) as e:
+        raise ModelError(
+            f"{source} has invalid post-processing defaults {card.postprocess!r} ({e})",
+            "fix them in model.json or re-export the model",
+        ) from e
+
+
+def _weights_file_name(card: ModelCard, source: str) -> str:
+    """The weights file named by the card: a plain file name inside the model folder."""
+    name = card.weights.get("file", WEIGHTS_NAME)
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or Path(name).is_absolute()
+        or Path(name).name != name
+    ):
+        raise ModelError(
+            f"{source} names the weights file {name!r}, which is not a file inside the model "
+            "folder",
+            "a model's card may only refer to files beside it; re-export the model",
+        )
+    return name
 
 
 # --------------------------------------------------------------------------- save / load
@@ -290,7 +363,8 @@ def save_model(
     directory = Path(directory)
     if directory.exists():
         raise ModelError(
-            f"A model already exists at {directory}", "models are never overwritten: pick a new name"
+            f"A model already exists at {directory}",
+            "models are never overwritten: pick a new name",
         )
     if dtype not in ("float32", "float16"):
         raise ModelError(f"Unsupported weight dtype {dtype!r}", "use float32 or float16")
@@ -348,7 +422,9 @@ def read_card(path: str | os.PathLike) -> ModelCard:
     try:
         data = json.loads(card_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"The model card {card_path} is not valid JSON ({e})", "re-export it") from e
+        raise ModelError(
+            f"The model card {card_path} is not valid JSON ({e})", "re-export it"
+        ) from e
     return ModelCard.from_dict(data, source=f"The model card {card_path}")
 
 
@@ -363,7 +439,9 @@ def _model_folder(path: str | os.PathLike) -> Path:
     if p.is_file() and p.name in (CARD_NAME, WEIGHTS_NAME):
         return p.parent
     if not p.exists():
-        raise ModelError(f"No model at {p}", "give a model folder (model.json + weights.safetensors)")
+        raise ModelError(
+            f"No model at {p}", "give a model folder (model.json + weights.safetensors)"
+        )
     if not p.is_dir():
         raise ModelError(
             f"{p} is not a model folder", "give a folder holding model.json + weights.safetensors"
@@ -378,14 +456,24 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
 
     folder = _model_folder(path)
     card = read_card(folder)
-    wpath = folder / card.weights.get("file", WEIGHTS_NAME)
+    wpath = folder / _weights_file_name(card, f"The model card in {folder}")
     if not wpath.is_file():
         raise ModelError(f"The weights file {wpath} is missing", "copy the whole model folder")
-    payload = wpath.read_bytes()
     expected = card.weights.get("sha256")
-    actual = hashlib.sha256(payload).hexdigest()
-    if not expected:
+    if not expected or not isinstance(expected, str):
         raise ModelError(f"The model card in {folder} records no weights hash", "re-export it")
+    declared = card.weights.get("bytes")
+    size = wpath.stat().st_size
+    if isinstance(declared, int) and not isinstance(declared, bool) and size > declared:
+        # checked before reading, so a substituted huge file is never read into memory
+        # (a shorter file is caught by the hash below)
+        raise ModelError(
+            f"The weights in {folder} do not match their card ({size:,} bytes on disk, "
+            f"{declared:,} recorded): the file is corrupt, truncated or was replaced",
+            "copy the model folder again from its source",
+        )
+    payload = wpath.read_bytes()
+    actual = hashlib.sha256(payload).hexdigest()
     if actual != expected:
         raise ModelError(
             f"The weights in {folder} do not match their card (sha256 {actual[:12]}… ≠ "
@@ -396,6 +484,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
         tensors = st_load(payload)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise ModelError(f"The weights file {wpath} is unreadable ({e})", "copy it again") from e
+    _check_shapes(card.unet_config, tensors, folder)
     model = UNet(card.unet_config)
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items()}
     try:
@@ -409,6 +498,33 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
     dev = torch.device(device)
     model.to(dev).eval()
     return LoadedModel(model=model, card=card, path=folder, device=dev)
+
+
+def _check_shapes(config: UNetConfig, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """Compare the weights' names and shapes with the card's architecture without building it.
+
+    The network is instantiated on PyTorch's ``meta`` device (no memory), so a card declaring
+    an absurd architecture fails here with a clear message instead of exhausting memory.
+    """
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in UNet(config).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected == got:
+        return
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    differ = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    if differ:
+        k = differ[0]
+        first = f"{k} has shape {got[k]}, the card's architecture needs {expected[k]}"
+    elif missing:
+        first = f"{len(missing)} tensor(s) missing, e.g. {missing[0]}"
+    else:
+        first = f"{len(extra)} unexpected tensor(s), e.g. {extra[0]}"
+    raise ModelError(
+        f"The weights in {folder} do not fit the architecture in its card ({first})",
+        "the card and weights come from different models; re-export the model",
+    )
 
 
 def bundled_model_dir() -> Path:

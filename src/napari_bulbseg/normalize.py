@@ -30,7 +30,14 @@ class Normalization:
     high: float = 99.8
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        for name in ("low", "high"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise ModelError(
+                    f"Normalisation setting {name}={v!r} is not a number",
+                    "use percentiles such as low=1, high=99.8",
+                )
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise ModelError(
                 f"Unknown normalisation method {self.method!r}",
                 f"use one of {', '.join(METHODS)}",
@@ -88,16 +95,25 @@ def normalize_channel(x: np.ndarray, norm: Normalization) -> np.ndarray:
     return out
 
 
-def convert_channels(image: np.ndarray, in_channels: int, policy: str = "native") -> np.ndarray:
+def convert_channels(
+    image: np.ndarray, in_channels: int, policy: str = "native", rgb: bool | None = None
+) -> np.ndarray:
     """Bring a ``(Y, X)`` or ``(Y, X, C)`` image to a model's input channels as ``(C, Y, X)``.
 
     ``luminance``: an RGB(A) image feeds a 1-channel model through its luminance (alpha dropped).
     ``replicate``: a grey image feeds a 3-channel model by repeating it. ``native``: the image's
     channels must match the model's, except that RGBA drops alpha and the two rules above apply
     when they are the only way to make the counts match.
+
+    ``rgb`` says whether the channel axis is colour (``Stack.rgb``). ``None`` (unknown) treats
+    3 or 4 channels as RGB(A); ``False`` (e.g. fluorescence channels of an ImageJ hyperstack)
+    never drops a 4th channel as alpha nor mixes channels into a luminance: their count must
+    match the model's.
     """
     if policy not in CHANNEL_POLICIES:
         raise ModelError(f"Unknown channel policy {policy!r}", f"use one of {CHANNEL_POLICIES}")
+    if isinstance(in_channels, bool) or not isinstance(in_channels, (int, np.integer)):
+        raise ModelError(f"Invalid model input channels {in_channels!r}", "re-export the model")
     img = np.asarray(image)
     if img.ndim == 2:
         chans = img[None]
@@ -109,10 +125,17 @@ def convert_channels(image: np.ndarray, in_channels: int, policy: str = "native"
             "pass one slice at a time",
         )
     c = chans.shape[0]
-    if c == 4 and in_channels != 4:
+    colour = rgb is not False and c in (3, 4)
+    if c == 4 and in_channels != 4 and colour:
         chans, c = chans[:3], 3  # RGBA: alpha carries no signal for segmentation
     if c == in_channels:
         return chans.astype(np.float32, copy=False)
+    if in_channels == 1 and c > 1 and not colour:
+        raise ModelError(
+            f"The model takes 1 channel but the image has {c} channels that are not RGB colour",
+            "pick one channel of the image (split channels in napari, or save one channel) "
+            f"or fine-tune a {c}-channel model",
+        )
     if in_channels == 1 and c == 3:
         return np.tensordot(_LUMA, chans.astype(np.float32), axes=1)[None]
     if in_channels == 3 and c == 1:
@@ -134,7 +157,11 @@ def prepare_image(
     in_channels: int,
     norm: Normalization,
     policy: str = "native",
+    rgb: bool | None = None,
 ) -> np.ndarray:
-    """Channel conversion then normalisation: the exact model input ``(C, Y, X)`` float32."""
-    chans = convert_channels(image, in_channels, policy)
+    """Channel conversion then normalisation: the exact model input ``(C, Y, X)`` float32.
+
+    ``rgb``: whether the image's channel axis is colour (see :func:`convert_channels`).
+    """
+    chans = convert_channels(image, in_channels, policy, rgb)
     return np.stack([normalize_channel(ch, norm) for ch in chans]).astype(np.float32, copy=False)

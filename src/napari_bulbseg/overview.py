@@ -8,11 +8,18 @@ from pathlib import Path
 import numpy as np
 
 from .normalize import Normalization, normalize_channel
+from .postprocess import DIFF_COLORS, DIFF_FN, DIFF_FP, DIFF_TP
 
-#: colours of the error map (RGB): true positive, false positive, false negative
-TP_RGB = (70, 170, 70)
-FP_RGB = (230, 40, 200)
-FN_RGB = (40, 200, 230)
+
+def _rgb(code: int) -> tuple[int, int, int]:
+    r, g, b, _ = DIFF_COLORS[code]
+    return (round(255 * r), round(255 * g), round(255 * b))
+
+
+#: colours of the error map, the same as the napari difference layer's
+TP_RGB = _rgb(DIFF_TP)
+FP_RGB = _rgb(DIFF_FP)
+FN_RGB = _rgb(DIFF_FN)
 OUTLINE_RGB = (255, 220, 0)
 
 
@@ -51,11 +58,15 @@ def overview_image(
         panels = [left]
         if diff is not None:
             right = np.repeat((g // 3)[..., None], 3, axis=-1)
-            for code, rgb in ((1, TP_RGB), (2, FP_RGB), (3, FN_RGB)):
+            for code, rgb in ((DIFF_TP, TP_RGB), (DIFF_FP, FP_RGB), (DIFF_FN, FN_RGB)):
                 right[diff[z] == code] = rgb
             panels.append(right)
         sep = np.full((g.shape[0], 6, 3), 255, np.uint8)
-        rows.append(np.concatenate([p for pair in zip(panels, [sep] * len(panels)) for p in pair][:-1], axis=1))
+        rows.append(
+            np.concatenate(
+                [p for pair in zip(panels, [sep] * len(panels)) for p in pair][:-1], axis=1
+            )
+        )
         rows.append(np.full((6, rows[-1].shape[1], 3), 255, np.uint8))
     return np.concatenate(rows[:-1], axis=0)
 

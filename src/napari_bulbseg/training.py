@@ -315,10 +315,10 @@ def _validate(
     val: Sequence[Prepared],
     loss_fn: nn.Module,
     device: torch.device,
-    keep_probs: bool = False,
 ) -> Generator[int, None, tuple[float, float, list[np.ndarray]]]:
     """Whole-image validation; yields the index of each image done, returns
-    ``(mean loss, pooled Dice at 0.5, probabilities if keep_probs)``."""
+    ``(mean loss, pooled Dice at 0.5, float16 probabilities)`` — float16 as prediction caches
+    them, so the threshold chosen on them is exact for predicted stacks."""
     was_training = model.training
     model.eval()
     losses, probs = [], []
@@ -329,11 +329,10 @@ def _validate(
                 logits = _predict_prob(model, p.image, device)
                 target = torch.from_numpy(p.mask.astype(np.float32)).to(device)
                 losses.append(float(loss_fn(logits[None, None], target[None, None])))
-                prob = torch.sigmoid(logits).float().cpu().numpy()
+                prob = torch.sigmoid(logits).to(torch.float16).cpu().numpy()
                 a, b, c = pooled_counts(prob, p.mask, 0.5)
                 tp, fp, fn = tp + a, fp + b, fn + c
-                if keep_probs:
-                    probs.append(prob)
+                probs.append(prob)
                 yield i
     finally:
         model.train(was_training)
@@ -461,14 +460,17 @@ def _train(
     step = 0
     history: list[dict[str, Any]] = []
     best_dice, best_epoch, best_state = -1.0, 0, None
+    best_probs: list[np.ndarray] = []
+    best_val_loss = math.nan
     bad_epochs = 0
     stop_reason = "completed"
     step_time = val_time = 0.0
 
-    def eta(epoch: int) -> float:
-        steps_left = total - step
-        vals_left = config.epochs - epoch + (0 if steps_left % config.steps_per_epoch else 1)
-        est = steps_left * (step_time / max(step, 1)) + vals_left * (val_time / max(epoch, 1))
+    def eta(validated: int) -> float:
+        """Seconds left: remaining steps and validation passes at their average cost so far."""
+        per_step = step_time / max(step, 1)
+        per_val = val_time / validated if validated else per_step * max(1, len(val_p)) / 4
+        est = (total - step) * per_step + (config.epochs - validated) * per_val
         if config.time_budget_s is not None:
             est = min(est, max(0.0, config.time_budget_s - (time.perf_counter() - t0)))
         return float(est)
@@ -518,7 +520,7 @@ def _train(
             try:
                 i = next(gen)
             except StopIteration as stop:
-                val_loss, val_dice, _ = stop.value
+                val_loss, val_dice, probs = stop.value
                 break
             if _is_cancelled(cancel):
                 gen.close()
@@ -558,6 +560,7 @@ def _train(
         if val_dice > best_dice + 1e-4 or best_state is None:
             best_dice, best_epoch, bad_epochs = val_dice, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_probs, best_val_loss = probs, val_loss
         else:
             bad_epochs += 1
         sched.step(val_dice)
@@ -586,27 +589,7 @@ def _train(
         raise TrainingError("No validation pass completed; no model was saved", "")
     model.load_state_dict(best_state)
     model.eval()
-    gen = _validate(model, val_p, loss_fn, device, keep_probs=True)
-    while True:
-        try:
-            i = next(gen)
-        except StopIteration as stop:
-            val_loss, dice05, probs = stop.value
-            break
-        if _is_cancelled(cancel):
-            gen.close()
-            raise CancelledError("Training was stopped", "nothing was saved")
-        yield TrainProgress(
-            epoch=best_epoch,
-            step=step,
-            total_steps=total,
-            loss=history[-1]["loss"],
-            lr=history[-1]["lr"],
-            elapsed_s=time.perf_counter() - t0,
-            eta_s=0.0,
-            message=f"choosing the threshold {i + 1}/{len(val_p)}",
-            kind="validate",
-        )
+    probs, val_loss, dice05 = best_probs, best_val_loss, best_dice
     masks = [p.mask for p in val_p]
     curve = threshold_sweep(probs, masks, config.thresholds)
     thr, dice_t = best_threshold(curve)
@@ -694,7 +677,8 @@ def evaluate_model(
     threshold: float | None = None,
     policy: str | None = None,
 ) -> dict[str, float]:
-    """Pooled pixel Dice/IoU/precision/recall of a model on samples, normalised like prediction.
+    """Pooled pixel Dice/IoU/precision/recall of a model on samples, normalised like prediction
+    (whole images, float16 probabilities, ``p >= threshold``).
 
     ``policy`` overrides the card's channel policy (e.g. ``"luminance"`` for RGB images on a
     grey model); ``threshold`` defaults to the card's.
@@ -706,7 +690,8 @@ def evaluate_model(
     with torch.no_grad():
         for s in samples:
             img = prepare_image(s.image, loaded.card.in_channels, loaded.card.norm, pol)
-            prob = torch.sigmoid(_predict_prob(model, img, loaded.device)).float().cpu().numpy()
+            logits = _predict_prob(model, img, loaded.device)
+            prob = torch.sigmoid(logits).to(torch.float16).cpu().numpy()
             a, b, c = pooled_counts(prob, s.mask, thr)
             tp, fp, fn = tp + a, fp + b, fn + c
     return {

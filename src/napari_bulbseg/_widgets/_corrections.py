@@ -82,6 +82,7 @@ class Corrections:
         if s.pred_layer is None or s.image_layer is None:
             show_warning(T.MSG_NEED_PRED)
             return None
+        s.flush()  # no stale slice may leak into the corrections
         layer = self._add(s.image_layer, np.array(s.pred_layer.data, dtype=np.uint8, copy=True))
         self.saver.touch()
         return layer

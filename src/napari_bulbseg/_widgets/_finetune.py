@@ -11,7 +11,6 @@ from magicgui.widgets import (
     ComboBox,
     Container,
     FloatSpinBox,
-    Label,
     ProgressBar,
     PushButton,
     SpinBox,
@@ -24,7 +23,7 @@ from ._jobs import start_job, user_message
 from ._layers import as_stack
 from ._models import get_registry
 from ._plot import CurvePlot
-from ._qt import Connections
+from ._qt import Connections, text_label
 from ._session import get_session
 
 LOSSES = ("focal+dice", "bce", "focal", "dice", "bce+dice")
@@ -60,7 +59,7 @@ class FinetuneWidget(Container):
         self._cancel = threading.Event()
         self._pbar: Any = None
         self.result: Any = None
-        self.ready_lbl = Label(value=T.LBL_NEED_REVIEW)
+        self.ready_lbl = text_label(T.LBL_NEED_REVIEW)
         self.loss = ComboBox(label="Loss", choices=LOSSES, value="focal+dice", tooltip=T.TIP_LOSS)
         self.epochs = SpinBox(label="Epochs", value=10, min=1, max=1000, tooltip=T.TIP_EPOCHS)
         self.steps = SpinBox(label="Steps/epoch", value=25, min=1, max=10000)
@@ -70,9 +69,9 @@ class FinetuneWidget(Container):
         self.train_btn = PushButton(text=T.BTN_TRAIN)
         self.cancel_btn = PushButton(text=T.BTN_CANCEL, enabled=False)
         self.bar = ProgressBar(value=0, min=0, max=1000, visible=False, label="")
-        self.status = Label(value="")
+        self.status = text_label("")
         self.plot = CurvePlot()
-        self.result_lbl = Label(value="")
+        self.result_lbl = text_label("")
         self.repredict_btn = PushButton(text=T.BTN_REPREDICT, enabled=False)
         self.rollback_btn = PushButton(text=T.BTN_ROLLBACK)
         self.extend(
@@ -188,6 +187,7 @@ class FinetuneWidget(Container):
         version = result.version_id
         msg = T.LBL_RESULT.format(
             version=version,
+            n=(after or {}).get("n_images", 0),
             before=_fmt(before and before["dice"]),
             after=_fmt(after and after["dice"]),
         )
@@ -195,7 +195,7 @@ class FinetuneWidget(Container):
         show_info(msg)
         s = self._session
         device = getattr(s.loaded, "device", "cpu")
-        s.set_model(load_model(result.path, device=device), f"v{version}", version)
+        s.set_model(load_model(result.path, device=device), str(version), version)
         self.repredict_btn.enabled = True
 
     def _aborted(self) -> None:
@@ -247,7 +247,7 @@ class FinetuneWidget(Container):
         except Exception as e:
             show_warning(user_message(e))
             return
-        s.set_model(loaded, f"v{version}", version)
+        s.set_model(loaded, str(version), version)
         self.result_lbl.value = T.LBL_ROLLED.format(version=version)
         self.repredict_btn.enabled = True
         show_info(self.result_lbl.value)

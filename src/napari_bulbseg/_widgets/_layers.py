@@ -90,8 +90,45 @@ def _geometry(like: Layer, ndim: int) -> tuple[tuple[float, ...], tuple[float, .
 
 
 def write_slice(layer: Labels, z: int, mask: np.ndarray, displayed: bool) -> None:
-    """Overwrite slice ``z`` of a program-owned Labels layer; refresh when it is on screen."""
+    """Overwrite slice ``z`` of a program-owned Labels layer; redraw it when it is on screen.
+
+    On screen, only the bounding box of the changed pixels is re-coloured and uploaded (the
+    path napari's own painting takes); anything unusual falls back to ``layer.refresh()``.
+    """
     stack = layer.data if layer.ndim == 3 else layer.data[None]
+    if not displayed:
+        stack[z] = mask
+        return
+    changed = stack[z] != mask
     stack[z] = mask
-    if displayed:
+    rows = np.flatnonzero(changed.any(axis=1))
+    if rows.size == 0:
+        return
+    cols = np.flatnonzero(changed.any(axis=0))
+    box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+    if not _partial_refresh(layer, z, box):
         layer.refresh()
+
+
+def _partial_refresh(layer: Labels, z: int, box: tuple[slice, slice]) -> bool:
+    """Redraw ``box`` of displayed slice ``z`` like ``Labels.data_setitem`` does (no history)."""
+    try:
+        nd = layer.ndim
+        if (
+            layer.contour != 0
+            or not isinstance(layer.data, np.ndarray)
+            or list(layer._slice_input.displayed) != [nd - 2, nd - 1]
+        ):
+            return False
+        raw = layer._slice.image.raw
+        plane = layer.data[z] if nd == 3 else layer.data
+        # the slice on screen must be a view of plane z (numpy data is sliced without copying)
+        if raw.shape != plane.shape or not np.may_share_memory(raw, plane):
+            return False
+        layer._slice.image.view[box] = layer.colormap._data_to_texture(raw[box])
+        zs = (slice(z, z + 1),) if nd == 3 else ()
+        layer._accumulate_updated_slice((*zs, *box))
+        layer._partial_labels_refresh()
+    except Exception:  # napari internals changed: the public path is always correct
+        return False
+    return True

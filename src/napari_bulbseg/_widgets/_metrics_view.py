@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem
+from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableWidgetItem
 
 from . import _text as T
 
@@ -21,7 +21,12 @@ class MetricsTable(QTableWidget):
         self.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.verticalHeader().setVisible(False)
         self.setMinimumHeight(140)
-        self.horizontalHeader().setStretchLastSection(True)
+        header = self.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        header.setMinimumSectionSize(28)
+        for c, tip in enumerate(T.TABLE_TIPS):
+            self.horizontalHeaderItem(c).setToolTip(tip)
+        self.setMinimumWidth(0)
         self._rows: dict[int, int] = {}
 
     def show_metrics(self, per_slice: Iterable[Any], reviewed: set[int]) -> None:

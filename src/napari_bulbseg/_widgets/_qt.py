@@ -9,6 +9,15 @@ from typing import Any
 from qtpy.QtCore import QObject, QTimer
 
 
+def text_label(value: str = "", **kw: Any) -> Any:
+    """A magicgui Label that wraps long text instead of widening the dock."""
+    from magicgui.widgets import Label
+
+    label = Label(value=value, **kw)
+    label.native.setWordWrap(True)
+    return label
+
+
 def single_shot(parent: QObject, ms: int, slot: Callable[[], Any]) -> QTimer:
     """A restartable single-shot (debounce) timer that dies with ``parent``."""
     t = QTimer(parent)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, PushButton
 from napari.layers import Labels
 from napari.utils.notifications import show_info, show_warning
 from qtpy.QtWidgets import QFileDialog
@@ -15,7 +15,7 @@ from . import _text as T
 from ._jobs import start_job
 from ._layers import diff_colormap, upsert_labels
 from ._metrics_view import MetricsTable
-from ._qt import Connections, single_shot
+from ._qt import Connections, single_shot, text_label
 from ._session import get_session
 
 _EVENTS = ("paint", "data", "set_data")
@@ -43,16 +43,16 @@ class ReviewWidget(Container):
         self.reference = ComboBox(label="Reference", choices=self._ref_choices, nullable=True)
         self.reference.tooltip = T.TIP_TRUTH
         self.start_btn = PushButton(text=T.BTN_START_CORR, tooltip=T.TIP_START_CORR)
-        self.restore_lbl = Label(value="", visible=False)
+        self.restore_lbl = text_label("", visible=False)
         self.restore_btn = PushButton(text=T.BTN_RESTORE, visible=False)
         self.reviewed = CheckBox(text=T.CHK_REVIEWED, tooltip=T.TIP_REVIEWED)
         self.next_btn = PushButton(text=T.BTN_NEXT)
         self.reset_btn = PushButton(text="Reset this slice to the prediction")
-        self.slice_lbl = Label(value=T.LBL_NO_TRUTH)
-        self.summary_lbl = Label(value="")
+        self.slice_lbl = text_label(T.LBL_NO_TRUTH)
+        self.summary_lbl = text_label("")
         self.table = MetricsTable()
         self.export_btn = PushButton(text=T.BTN_EXPORT)
-        self.saved_lbl = Label(value="")
+        self.saved_lbl = text_label("")
         row = Container(widgets=[self.reviewed, self.next_btn], layout="horizontal", labels=False)
         self.extend(
             [
@@ -113,7 +113,8 @@ class ReviewWidget(Container):
             layer = self._viewer.layers[name]
             if isinstance(layer, Labels) and layer.data.shape == pred.data.shape:
                 return layer
-        return upsert_labels(
+        active = self._viewer.layers.selection.active
+        layer = upsert_labels(
             self._viewer,
             name,
             np.zeros(pred.data.shape, np.uint8),
@@ -121,6 +122,10 @@ class ReviewWidget(Container):
             colormap=diff_colormap(),
             opacity=0.8,
         )
+        pred.visible = False  # the difference map shows true positives too
+        if active is not None:
+            self._viewer.layers.selection.active = active
+        return layer
 
     def _stacks(self) -> tuple[np.ndarray, np.ndarray] | None:
         s = self._session
@@ -262,7 +267,8 @@ class ReviewWidget(Container):
     def _on_saved(self, path: Path) -> None:
         from datetime import datetime
 
-        self.saved_lbl.value = T.LBL_SAVED.format(when=f"{datetime.now():%H:%M:%S}", path=path)
+        self.saved_lbl.value = T.LBL_SAVED.format(when=f"{datetime.now():%H:%M:%S}")
+        self.saved_lbl.tooltip = str(path)
 
     def start_corrections(self) -> Labels | None:
         """Copy the prediction into an editable corrections layer (or select the existing one)."""

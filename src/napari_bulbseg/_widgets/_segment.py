@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Generator
 from typing import Any
@@ -12,7 +13,6 @@ from magicgui.widgets import (
     ComboBox,
     Container,
     FileEdit,
-    Label,
     ProgressBar,
     PushButton,
     SpinBox,
@@ -25,10 +25,12 @@ from . import _text as T
 from ._jobs import start_job
 from ._layers import current_index, n_slices
 from ._models import FOLDER, ModelChoice, load_choice, model_choices
-from ._qt import Connections
+from ._qt import Connections, text_label
 from ._session import get_session
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
+#: PredictOptions' defaults (not imported here: that would load torch with the plugin menu)
+_DEFAULT_TILE, _DEFAULT_OVERLAP = 512, 96
 
 
 def _load_job(choice: ModelChoice, folder: Any, device: str) -> Generator[None, None, Any]:
@@ -67,15 +69,17 @@ class SegmentWidget(Container):
         self.model = ComboBox(label="Model", choices=self._model_choices, tooltip=T.TIP_MODEL)
         self.folder = FileEdit(label="Folder", mode="d", tooltip=T.TIP_FOLDER, visible=False)
         self.device = ComboBox(label="Device", choices=DEVICES, value="auto", tooltip=T.TIP_DEVICE)
-        self.tile = SpinBox(label="Tile size", value=512, min=64, max=4096, step=64)
+        self.tile = SpinBox(label="Tile size", value=_DEFAULT_TILE, min=64, max=4096, step=64)
         self.tile.tooltip = T.TIP_TILE
-        self.overlap = SpinBox(label="Overlap (px)", value=32, min=0, max=1024, step=8)
+        self.overlap = SpinBox(
+            label="Overlap (px)", value=_DEFAULT_OVERLAP, min=0, max=1024, step=8
+        )
         self.overlap.tooltip = T.TIP_OVERLAP
         self.tta = CheckBox(text="Test-time augmentation", value=False, tooltip=T.TIP_TTA)
         self.run_btn = PushButton(text=T.BTN_RUN)
         self.cancel_btn = PushButton(text=T.BTN_CANCEL, enabled=False)
         self.bar = ProgressBar(value=0, min=0, max=1000, visible=False, label="")
-        self.status = Label(value="")
+        self.status = text_label("")
         self.extend(
             [
                 self.image,
@@ -173,6 +177,8 @@ class SegmentWidget(Container):
             overlap=int(self.overlap.value),
             tta=bool(self.tta.value),
             device=str(self.device.value),
+            # on the CPU, leave one core to napari so the viewer stays responsive
+            num_threads=max(1, (os.cpu_count() or 2) - 1),
         )
 
     def _predict(self, image: Image, choice: ModelChoice, loaded: Any, label: str) -> None:

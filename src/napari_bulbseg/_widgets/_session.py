@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from napari.layers import Image, Labels, Layer
 from psygnal import Signal, SignalGroup
+from qtpy.QtCore import QTimer
 
 from ..postprocess import PostProcess, count_objects, postprocess_slice
 from . import _text as T
@@ -29,6 +30,8 @@ from ._layers import (
     write_slice,
 )
 
+#: delay between the last post-processing change and the background pass over other slices
+REFRESH_DELAY_MS = 120
 _SESSIONS: weakref.WeakKeyDictionary[Any, Session] = weakref.WeakKeyDictionary()
 
 
@@ -74,6 +77,11 @@ class Session:
         self._gen = 0
         self._mask_gen: np.ndarray | None = None  # (Z,) spec generation of each written mask
         self._refresher: Any = None
+        # the background pass starts once the slider rests, so it never competes with a drag
+        self._refresh_timer = QTimer()
+        self._refresh_timer.setSingleShot(True)
+        self._refresh_timer.setInterval(REFRESH_DELAY_MS)
+        self._refresh_timer.timeout.connect(self._start_refresher)
         viewer.dims.events.current_step.connect(self._on_step)
         from ._corrections import Corrections
 
@@ -209,7 +217,7 @@ class Session:
         self.counts = {}
         if self.prob is not None:
             self.update_slice(self.displayed())
-            self._start_refresher()
+            self._refresh_timer.start()
         self.events.spec_changed.emit(spec)
 
     def _on_step(self, event: Any = None) -> None:
@@ -268,10 +276,17 @@ class Session:
             if self.done is not None and (self._mask_gen[self.done] != self._gen).any():
                 self._start_refresher()
 
+    def flush(self) -> None:
+        """Bring every predicted slice up to the current post-processing now (GUI thread)."""
+        if self.prob is None or self.pred_layer is None:
+            return
+        for z in np.flatnonzero(self.done & (self._mask_gen != self._gen)):
+            self.update_slice(int(z))
+
     @property
     def busy(self) -> bool:
-        """Whether a background re-threshold pass is running."""
-        return self._refresher is not None
+        """Whether a background re-threshold pass is pending or running."""
+        return self._refresher is not None or self._refresh_timer.isActive()
 
     @property
     def violations(self) -> list[int]:

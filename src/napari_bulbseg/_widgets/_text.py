@@ -80,9 +80,19 @@ LBL_SUMMARY = (
     "objects hit {hits} / missed {misses} / false {fps}"
 )
 LBL_SLICE = "Slice {z}: Dice {dice:.3f} · IoU {iou:.3f} · errors {fp} FP + {fn} FN px"
-LBL_SAVED = "Autosaved {when} → {path}"
+LBL_SAVED = "Corrections autosaved at {when}."
 LBL_NO_TRUTH = "Choose a reference layer to compare against."
-TABLE_HEADERS = ("slice", "Dice", "IoU", "pixel err", "hits", "misses", "false obj", "reviewed")
+TABLE_HEADERS = ("z", "Dice", "IoU", "px err", "hits", "miss", "FP obj", "✓")
+TABLE_TIPS = (
+    "slice index",
+    "Dice (F1) of the prediction vs the reference",
+    "intersection over union",
+    "fraction of pixels that differ",
+    "reference objects matched by a predicted one (IoU ≥ 0.5)",
+    "reference objects with no match",
+    "predicted objects matching no reference object",
+    "slice marked as reviewed",
+)
 MSG_NEED_PRED = "Segment the stack first: there is no prediction to compare or correct."
 MSG_SHAPE = "The reference {a!r} has shape {sa}, the prediction {sb}: they must match."
 MSG_RESTORED = "Restored your saved corrections for {name!r} ({n} reviewed slice(s))."
@@ -99,7 +109,10 @@ BTN_ROLLBACK = "Roll back to the previous version"
 LBL_NEED_REVIEW = "Review at least one slice (Review & correct) to fine-tune."
 LBL_READY = "{n} reviewed slice(s) ready; starts from {model}."
 LBL_TRAINING = "epoch {epoch} · step {step}/{total} · loss {loss:.4f} · ETA {eta:.0f} s"
-LBL_RESULT = "Saved version {version}. Validation Dice {before} → {after}."
+LBL_RESULT = (
+    "Saved version {version}. Validation Dice on {n} held-out slice(s): "
+    "{before} (previous model) → {after} (new)."
+)
 LBL_ROLLED = "Current model is now version {version}."
 MSG_TRAIN_CANCELLED = "Fine-tuning cancelled; no new version was saved."
 MSG_NO_MODEL = "Segment the stack first, so there is a model to fine-tune."

@@ -10,7 +10,6 @@ from magicgui.widgets import (
     ComboBox,
     Container,
     FloatSlider,
-    Label,
     PushButton,
     SpinBox,
 )
@@ -19,7 +18,7 @@ from napari.utils.notifications import show_error, show_warning
 from ..errors import BulbsegError
 from ..postprocess import PostProcess
 from . import _text as T
-from ._qt import Connections, single_shot
+from ._qt import Connections, single_shot, text_label
 from ._session import get_session
 
 
@@ -47,9 +46,9 @@ class ThresholdWidget(Container):
         )
         self.threshold.tooltip = T.TIP_THRESHOLD
         self.card_btn = PushButton(text=T.BTN_USE_CARD, tooltip=T.TIP_USE_CARD)
-        self.card_lbl = Label(value="")
+        self.card_lbl = text_label("")
         self.sweep_btn = PushButton(text=T.BTN_SWEEP, tooltip=T.TIP_SWEEP)
-        self.sweep_lbl = Label(value="")
+        self.sweep_lbl = text_label("")
         self.min_size = SpinBox(label="Min size (px)", value=spec.min_size, min=0, max=10**7)
         self.min_size.tooltip = T.TIP_MIN_SIZE
         self.keep = SpinBox(label="Keep N largest", value=spec.keep_largest, min=0, max=10**5)
@@ -57,7 +56,7 @@ class ThresholdWidget(Container):
         self.fill = CheckBox(text="Fill holes", value=spec.fill_holes, tooltip=T.TIP_FILL)
         self.expected = SpinBox(label="Max objects/slice", value=s.expected_max, min=0, max=10**5)
         self.expected.tooltip = T.TIP_EXPECTED
-        self.flags_lbl = Label(value="")
+        self.flags_lbl = text_label("")
         self.goto = ComboBox(label="Go to flagged", choices=[], nullable=True)
         self.extend(
             [

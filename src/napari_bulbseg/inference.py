@@ -1,0 +1,654 @@
+"""Sliding-window prediction of foreground probabilities for single images and stacks.
+
+Each slice is normalised once as a whole (the model card's :class:`~.normalize.Normalization`,
+the same code as in training), reflect-padded to the model's multiple exactly as the U-Net pads
+internally, and cut into equal tiles whose starts are multiples of that multiple, so every tile
+sees the whole image's pooling grid. Tiles from one or more slices are run in batches; their
+probabilities are blended with :func:`~.tiling.blend_window` weights. With the default options
+(crop-style blending: ``trim = overlap // 2``) tiled output matches one whole-image forward pass
+to < 1e-3 while computing few redundant pixels (see docs/benchmarks.md).
+
+The model is prepared once per call: a copy in eval mode with batch norm folded into the
+convolutions and channels-last weights (the caller's model is left untouched). On CUDA,
+``amp=True`` runs under ``torch.autocast`` in float16 (falling back to float32 for a batch whose
+logits overflow). Out of memory halves the batch, then moves to the CPU, and says so in the
+progress message.
+
+The jobs are generators (see :mod:`.events`): they yield :class:`~.events.Progress` after each
+batch (units: tiles) and return the result; closing them between batches stops the work. Slices
+written to ``out`` are complete; the generator's return value exists only when all are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError, ModelError
+from .events import Progress, drain
+from .model import LoadedModel
+from .normalize import convert_channels, prepare_image
+from .tiling import BLEND_MODES, TileGrid, blend_window, make_grid
+
+PROB_DTYPES = ("float16", "uint8", "float32")
+_AMP_DTYPE = torch.float16
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How to run sliding-window prediction.
+
+    ``tile``: largest tile side in pixels (tiles are shrunk to cover the image with the least
+    redundant work, see :func:`.tiling.effective_tile`). ``overlap``: pixels shared by
+    neighbouring tiles. ``blend``: weighting of overlapping tiles (see :mod:`.tiling`).
+    ``trim``: pixels along each interior tile edge given no weight; ``None`` = ``overlap // 2``
+    (crop-style: each output pixel comes from the tile where it lies farthest from an edge).
+    ``tta``: average the 8 flips/rotations (8× the compute). ``device``: ``"auto"``, ``"cpu"``,
+    ``"cuda"``, ``"cuda:N"`` or ``"mps"``. ``amp``: float16 autocast on CUDA (ignored elsewhere).
+    ``prob_dtype``: ``"float16"`` or ``"uint8"`` (``p * 255``, rounded) storage; ``"float32"``
+    also accepted. ``num_threads``: torch CPU threads during the job (restored after each
+    batch); ``None`` leaves torch's setting alone.
+    """
+
+    tile: int = 512
+    overlap: int = 96
+    batch_size: int = 4
+    tta: bool = False
+    device: str = "auto"
+    amp: bool = True
+    prob_dtype: str = "float16"
+    blend: str = "constant"
+    trim: int | None = None
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, v: Any, minimum: int) -> None:
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < minimum:
+                raise InputError(f"Invalid {name}={v!r}", f"use an integer >= {minimum}")
+
+        positive_int("tile", self.tile, 8)
+        positive_int("overlap", self.overlap, 0)
+        positive_int("batch_size", self.batch_size, 1)
+        if self.overlap >= self.tile:
+            raise InputError(
+                f"The overlap ({self.overlap} px) must be smaller than the tile ({self.tile} px)",
+                "use a larger tile or a smaller overlap",
+            )
+        if self.trim is not None:
+            positive_int("trim", self.trim, 0)
+            if 2 * self.trim > self.overlap:
+                raise InputError(
+                    f"trim={self.trim} is more than half the overlap ({self.overlap} px)",
+                    "tiles would leave gaps: use trim <= overlap // 2",
+                )
+        if self.num_threads is not None:
+            positive_int("num_threads", self.num_threads, 1)
+        if self.blend not in BLEND_MODES:
+            raise InputError(f"Unknown blend mode {self.blend!r}", f"use one of {BLEND_MODES}")
+        if self.prob_dtype not in PROB_DTYPES:
+            raise InputError(
+                f"Unknown probability dtype {self.prob_dtype!r}", "use 'float16' or 'uint8'"
+            )
+        if not isinstance(self.device, (str, torch.device)):
+            raise InputError(f"Invalid device {self.device!r}", "use 'auto', 'cpu' or 'cuda'")
+
+    @property
+    def effective_trim(self) -> int:
+        return self.overlap // 2 if self.trim is None else self.trim
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def select_device(pref: str | torch.device = "auto") -> torch.device:
+    """The torch device to predict on: ``"auto"`` picks CUDA, then Apple MPS, then the CPU."""
+    if isinstance(pref, torch.device):
+        pref = str(pref)
+    if not isinstance(pref, str):
+        raise InputError(f"Invalid device {pref!r}", "use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    name = pref.strip().lower()
+    if name in ("", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "gpu":
+        name = "cuda"
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            build = torch.__version__
+            why = (
+                "this PyTorch build has no CUDA support"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible (driver missing, or CUDA_VISIBLE_DEVICES hides it)"
+            )
+            raise InputError(
+                f"CUDA was requested but is not available: {why} (torch {build})",
+                "install a CUDA build of PyTorch (https://pytorch.org/get-started/locally/), "
+                "or use device 'auto' or 'cpu'",
+            )
+        try:
+            dev = torch.device(name)
+        except RuntimeError as e:
+            raise InputError(f"Invalid CUDA device {pref!r}", "use 'cuda' or 'cuda:N'") from e
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise InputError(
+                f"CUDA device {dev.index} does not exist ({n} visible)",
+                f"use cuda:0 … cuda:{n - 1}",
+            )
+        return dev
+    if name == "mps":
+        if not _mps_available():
+            raise InputError(
+                "Apple MPS was requested but is not available",
+                "it needs an Apple-silicon Mac and a recent PyTorch; use 'auto' or 'cpu'",
+            )
+        return torch.device("mps")
+    raise InputError(f"Unknown device {pref!r}", "use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+
+def _is_oom(e: BaseException) -> bool:
+    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(
+        torch.cuda, "OutOfMemoryError", None
+    )
+    if oom_type is not None and isinstance(e, oom_type):
+        return True
+    if isinstance(e, RuntimeError):
+        msg = str(e).lower()
+        return "out of memory" in msg or "not enough memory" in msg
+    return False
+
+
+def _can_fall_back(device: torch.device) -> bool:
+    """Whether out-of-memory on ``device`` can be retried on the CPU."""
+    return device.type != "cpu"
+
+
+@contextlib.contextmanager
+def _num_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch CPU threads, restoring the caller's setting afterwards."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# --------------------------------------------------------------------------- the network
+
+
+def prepare_network(model: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of ``model`` for inference: eval mode, BatchNorm folded into the preceding
+    convolution (one pass over memory fewer per layer), on ``device``, channels-last."""
+    net = copy.deepcopy(model).eval()
+    for mod in net.modules():
+        if not isinstance(mod, nn.Sequential):
+            continue
+        for i in range(len(mod) - 1):
+            conv, bn = mod[i], mod[i + 1]
+            if (
+                isinstance(conv, nn.Conv2d)
+                and isinstance(bn, nn.BatchNorm2d)
+                and bn.track_running_stats
+                and bn.running_mean is not None
+            ):
+                mod[i] = nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+                mod[i + 1] = nn.Identity()
+    net.to(device)
+    if device.type in ("cpu", "cuda"):
+        net.to(memory_format=torch.channels_last)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def _forward(net: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """Logits of one batch (the single call into the network; tests replace it)."""
+    if x.device.type in ("cpu", "cuda"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    if amp_dtype is None:
+        return net(x)
+    with torch.autocast(device_type=x.device.type, dtype=amp_dtype):
+        return net(x)
+
+
+class _Engine:
+    """The prepared network on its device, with batch size and device fallback on OOM."""
+
+    def __init__(self, loaded: LoadedModel, options: PredictOptions) -> None:
+        self.source = loaded.model
+        self.options = options
+        self.device = select_device(options.device)
+        self.net = prepare_network(self.source, self.device)
+        self.batch = options.batch_size
+        self.notes: list[str] = []
+        self._windows: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return _AMP_DTYPE if (self.options.amp and self.device.type == "cuda") else None
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        amp = self.amp_dtype
+        y = _forward(self.net, x, amp)
+        if amp is not None and not bool(torch.isfinite(y).all()):
+            self.notes.append("float16 overflow in a batch: recomputed it in float32")
+            y = _forward(self.net, x, None)
+        return y.float()
+
+    def _probs(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.options.tta:
+            return torch.sigmoid(self._logits(x))
+        acc = torch.zeros((x.shape[0], 1, *x.shape[-2:]), device=x.device)
+        for k in range(4):
+            for flip in (False, True):
+                xt = torch.rot90(x.flip(-1) if flip else x, k, (-2, -1))
+                p = torch.rot90(torch.sigmoid(self._logits(xt)), -k, (-2, -1))
+                acc += p.flip(-1) if flip else p
+        return acc / 8.0
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities ``(B, 1, h, w)`` float32 of tiles ``x``, in chunks of ``self.batch``;
+        on out-of-memory halves the batch, then falls back to the CPU (noted in ``notes``)."""
+        out: list[torch.Tensor] = []
+        i = 0
+        while i < x.shape[0]:
+            chunk = x[i : i + self.batch].to(self.device)
+            try:
+                p = self._probs(chunk)
+            except Exception as e:
+                if not _is_oom(e):
+                    raise
+                del e
+                self._release()
+                if self.batch > 1:
+                    self.batch = max(1, self.batch // 2)
+                    self.notes.append(
+                        f"Out of memory on {self.device}: batch size reduced to {self.batch}"
+                    )
+                    continue
+                if _can_fall_back(self.device):
+                    self.notes.append(
+                        f"Out of memory on {self.device} with one tile per batch: "
+                        "continuing on the CPU (slower)"
+                    )
+                    self._to_cpu()
+                    out = [o.to(self.device) for o in out]
+                    continue
+                raise InputError(
+                    "Out of memory even with one tile per batch",
+                    "use a smaller tile size, or close other programs",
+                ) from None
+            out.append(p)
+            i += chunk.shape[0]
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _release(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _to_cpu(self) -> None:
+        old = self.device
+        self.device = torch.device("cpu")
+        self.net = prepare_network(self.source, self.device)
+        self.batch = self.options.batch_size
+        self._windows.clear()
+        if old.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def window(self, grid: TileGrid, y0: int, x0: int) -> torch.Tensor:
+        flags = grid.interior(y0, x0)
+        key = (grid.tile, flags, self.device)
+        w = self._windows.get(key)
+        if w is None:
+            o = self.options
+            th, tw = grid.tile
+            arr = blend_window(
+                th, tw, o.blend, overlap=o.overlap, trim=o.effective_trim, interior=flags
+            )
+            w = torch.from_numpy(arr).to(self.device)
+            self._windows[key] = w
+        return w
+
+    def take_notes(self) -> str:
+        text = "; ".join(self.notes)
+        self.notes.clear()
+        return text
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How every slice of a given (Y, X) size is cut: padded size and tile grid."""
+
+    shape: tuple[int, int]
+    padded: tuple[int, int]
+    pad_mode: str
+    grid: TileGrid
+
+    @classmethod
+    def make(cls, shape: tuple[int, int], multiple: int, options: PredictOptions) -> _Plan:
+        h, w = shape
+        ph, pw = (-h) % multiple, (-w) % multiple
+        # exactly the U-Net's own rule, so tiles see what one whole-image forward pass sees
+        pad_mode = "reflect" if (h > ph and w > pw) else "replicate"
+        hp, wp = h + ph, w + pw
+        max_tile = max(multiple, options.tile // multiple * multiple)
+        overlap = options.overlap
+        grid = make_grid((hp, wp), max_tile, overlap, multiple)
+        return cls((h, w), (hp, wp), pad_mode, grid)
+
+
+@dataclass
+class _SliceJob:
+    index: int
+    x: torch.Tensor  # (1, C, Hp, Wp) normalised, padded
+    acc: torch.Tensor  # (Hp, Wp) sum of weight * probability
+    wsum: torch.Tensor  # (Hp, Wp) sum of weights
+    remaining: int
+
+    def to(self, device: torch.device) -> None:
+        self.x, self.acc, self.wsum = (t.to(device) for t in (self.x, self.acc, self.wsum))
+
+
+@dataclass
+class _Source:
+    """Where slices come from: ``plane(i)`` → (Y, X) or (Y, X, C) array."""
+
+    n: int
+    shape: tuple[int, int]
+    channels: int | None  # None: 2D planes
+    plane: Callable[[int], np.ndarray]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _as_source(stack: Any) -> _Source:
+    if stack is None:
+        raise InputError("No image to predict on", "load an image first")
+    if hasattr(stack, "plane") and hasattr(stack, "data"):
+        shape = tuple(int(s) for s in stack.data.shape)
+        rgb = bool(getattr(stack, "rgb", False))
+        axes = str(getattr(stack, "axes", "ZYXC" if len(shape) == 4 else "ZYX"))
+        if len(shape) == 3 and not rgb and axes != "ZYXC":
+            channels = None
+        elif len(shape) == 4:
+            channels = shape[3]
+        else:
+            raise InputError(
+                f"The stack has shape {shape} (axes {axes!r}, rgb={rgb})",
+                "expected (Z, Y, X) or (Z, Y, X, C); re-open the file",
+            )
+        _check_shape(shape)
+        return _Source(shape[0], (shape[1], shape[2]), channels, stack.plane)
+    arr = stack if hasattr(stack, "shape") and hasattr(stack, "ndim") else np.asarray(stack)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim not in (3, 4):
+        raise InputError(
+            f"Cannot predict on an array of shape {tuple(arr.shape)}",
+            "expected (Y, X), (Z, Y, X) or (Z, Y, X, C) with channels last",
+        )
+    _check_shape(tuple(arr.shape))
+    dtype = np.dtype(arr.dtype)
+    if dtype.kind not in "biuf":
+        raise InputError(f"Cannot predict on an image of dtype {dtype}", "use a numeric image")
+    channels = int(arr.shape[3]) if arr.ndim == 4 else None
+    return _Source(
+        int(arr.shape[0]), (int(arr.shape[1]), int(arr.shape[2])), channels, lambda i: arr[i]
+    )
+
+
+def _check_shape(shape: tuple[int, ...]) -> None:
+    if any(s == 0 for s in shape):
+        raise InputError(f"The image is empty (shape {shape})", "load an image with pixels in it")
+
+
+def _check_channels(loaded: LoadedModel, channels: int | None) -> None:
+    card = loaded.card
+    probe = np.zeros((1, 1) if channels is None else (1, 1, channels), dtype=np.float32)
+    convert_channels(probe, card.in_channels, card.channel_policy)  # raises ModelError
+
+
+def _check_loaded(loaded: Any) -> None:
+    if not isinstance(getattr(loaded, "model", None), nn.Module) or not hasattr(loaded, "card"):
+        raise ModelError("No model loaded", "load a model (or the bundled default) first")
+
+
+def _slice_indices(n: int, slices: Sequence[int] | None) -> list[int]:
+    if slices is None:
+        return list(range(n))
+    if isinstance(slices, (int, np.integer)):
+        slices = [int(slices)]
+    out: list[int] = []
+    for s in slices:
+        if not isinstance(s, (int, np.integer)) or isinstance(s, bool):
+            raise InputError(f"Invalid slice index {s!r}", "slice indices are integers")
+        i = int(s) + n if s < 0 else int(s)
+        if not 0 <= i < n:
+            raise InputError(f"Slice {s} is out of range", f"the stack has {n} slices (0…{n - 1})")
+        if i not in out:
+            out.append(i)
+    return out
+
+
+def _encoder(dtype: np.dtype) -> Callable[[np.ndarray], np.ndarray]:
+    if dtype == np.uint8:
+        return lambda p: np.rint(np.clip(p, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if dtype.kind == "f":
+        return lambda p: p.astype(dtype, copy=False)
+    raise InputError(
+        f"Cannot store probabilities in an array of dtype {dtype}",
+        "give `out` dtype float16, float32 or uint8",
+    )
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _run(
+    engine: _Engine,
+    source: _Source,
+    indices: list[int],
+    loaded: LoadedModel,
+    sink: Callable[[int, np.ndarray], None],
+) -> Generator[Progress, None, None]:
+    """Predict ``indices`` of ``source`` tile batch by tile batch, handing each finished slice
+    (float32 (Y, X)) to ``sink``; yields Progress after each batch."""
+    options = engine.options
+    card = loaded.card
+    multiple = card.unet_config.multiple
+    plan = _Plan.make(source.shape, multiple, options)
+    grid = plan.grid
+    starts = list(grid)
+    per_slice = len(starts)
+    total = per_slice * len(indices)
+    h, w = plan.shape
+    (th, tw), (hp, wp) = grid.tile, plan.padded
+    work = ((z, y0, x0) for z in indices for (y0, x0) in starts)
+    live: dict[int, _SliceJob] = {}
+    done = 0
+    n_done_slices = 0
+
+    def open_job(z: int) -> _SliceJob:
+        x = prepare_image(source.plane(z), card.in_channels, card.norm, card.channel_policy)
+        if x.shape[1:] != (h, w):
+            raise InputError(
+                f"Slice {z} has shape {x.shape[1:]}, unlike the stack's {(h, w)}",
+                "all slices of a stack must have the same size",
+            )
+        t = torch.from_numpy(np.ascontiguousarray(x))[None].to(engine.device)
+        if (hp, wp) != (h, w):
+            t = F.pad(t, (0, wp - w, 0, hp - h), mode=plan.pad_mode)
+        acc = torch.zeros((hp, wp), device=engine.device)
+        return _SliceJob(z, t, acc, torch.zeros_like(acc), per_slice)
+
+    while True:
+        batch = [next(work, None) for _ in range(engine.batch)]
+        batch = [b for b in batch if b is not None]
+        if not batch:
+            break
+        finished: list[int] = []
+        with torch.inference_mode(), _num_threads(options.num_threads):
+            for z, _, _ in batch:
+                if z not in live:
+                    live[z] = open_job(z)
+                elif live[z].x.device != engine.device:  # after a fallback to the CPU
+                    live[z].to(engine.device)
+            tiles = torch.cat([live[z].x[..., y : y + th, x : x + tw] for z, y, x in batch])
+            probs = engine.probs(tiles)
+            for k, (z, y, x) in enumerate(batch):
+                job = live[z]
+                if job.acc.device != probs.device:
+                    job.to(probs.device)
+                win = engine.window(grid, y, x)
+                job.acc[y : y + th, x : x + tw] += probs[k, 0] * win
+                job.wsum[y : y + th, x : x + tw] += win
+                job.remaining -= 1
+                if job.remaining == 0:
+                    prob = (job.acc / job.wsum)[:h, :w].clamp_(0.0, 1.0)
+                    sink(z, prob.cpu().numpy())
+                    del live[z]
+                    finished.append(z)
+        done += len(batch)
+        n_done_slices += len(finished)
+        z_last = finished[-1] if finished else batch[-1][0]
+        if finished:
+            msg = f"Slice {z_last} done ({n_done_slices}/{len(indices)})"
+        else:
+            tile_no = per_slice - live[z_last].remaining
+            msg = f"Slice {z_last}: {tile_no}/{per_slice} tiles"
+        notes = engine.take_notes()
+        yield Progress(done, total, f"{notes} — {msg}" if notes else msg, z_last)
+
+
+def iter_predict_slice(
+    loaded: LoadedModel, image2d: np.ndarray, options: PredictOptions | None = None
+) -> Generator[Progress, None, np.ndarray]:
+    """Predict one 2D image ``(Y, X)`` or ``(Y, X, C)``; returns float32 probabilities (Y, X)."""
+    options = options or PredictOptions()
+    _check_loaded(loaded)
+    img = np.asarray(image2d)
+    if img.ndim not in (2, 3):
+        raise InputError(
+            f"Expected one 2D image (Y, X) or (Y, X, C), got shape {img.shape}",
+            "use iter_predict for stacks",
+        )
+    source = _as_source(img[None])
+    _check_channels(loaded, source.channels)
+    engine = _Engine(loaded, options)
+    return _slice_job(engine, source, loaded)
+
+
+def _slice_job(
+    engine: _Engine, source: _Source, loaded: LoadedModel
+) -> Generator[Progress, None, np.ndarray]:
+    result: list[np.ndarray] = []
+    yield from _run(engine, source, [0], loaded, lambda _z, p: result.append(p))
+    return result[0]
+
+
+def iter_predict(
+    loaded: LoadedModel,
+    stack: Any,
+    options: PredictOptions | None = None,
+    out: Any = None,
+    slices: Sequence[int] | None = None,
+) -> Generator[Progress, None, Any]:
+    """Predict a stack slice by slice; a generator of Progress returning probabilities (Z, Y, X).
+
+    ``stack``: an array (Z, Y, X) / (Z, Y, X, C) (a 2D array is one slice), or an ``io.Stack``
+    (anything with ``.data``, ``.rgb`` and ``.plane(i)``; lazy stacks are read one plane at a
+    time). ``out``: optional array (Z, Y, X) to write into (numpy, ``np.memmap``, zarr); its
+    dtype decides the encoding (uint8: ``p * 255`` rounded; float: ``p``); by default one of
+    ``options.prob_dtype`` is allocated. ``slices``: only these indices, in this order (the rest
+    of ``out`` is left as it was). Inputs are checked here, before the first ``next()``.
+    """
+    options = options or PredictOptions()
+    if not isinstance(options, PredictOptions):
+        raise InputError(f"options must be PredictOptions, not {type(options).__name__}", "")
+    _check_loaded(loaded)
+    source = _as_source(stack)
+    _check_channels(loaded, source.channels)
+    indices = _slice_indices(source.n, slices)
+    shape = (source.n, *source.shape)
+    if out is None:
+        out = np.zeros(shape, dtype=options.prob_dtype)
+    elif tuple(out.shape) != shape:
+        raise InputError(
+            f"The output array has shape {tuple(out.shape)}, the stack needs {shape}",
+            "give `out` the stack's (Z, Y, X) shape",
+        )
+    encode = _encoder(np.dtype(out.dtype))
+    engine = _Engine(loaded, options)
+    return _stack_job(engine, source, indices, loaded, out, encode)
+
+
+def _stack_job(
+    engine: _Engine,
+    source: _Source,
+    indices: list[int],
+    loaded: LoadedModel,
+    out: Any,
+    encode: Callable[[np.ndarray], np.ndarray],
+) -> Generator[Progress, None, Any]:
+    def sink(z: int, p: np.ndarray) -> None:
+        out[z] = encode(p)
+
+    if indices:
+        yield from _run(engine, source, indices, loaded, sink)
+    return out
+
+
+def predict(
+    loaded: LoadedModel,
+    stack: Any,
+    options: PredictOptions | None = None,
+    *,
+    out: Any = None,
+    slices: Sequence[int] | None = None,
+    callback: Callable[[Progress], Any] | None = None,
+) -> Any:
+    """Predict a stack to the end (see :func:`iter_predict`); ``callback`` gets each Progress."""
+    return drain(iter_predict(loaded, stack, options, out=out, slices=slices), callback)
+
+
+def predict_slice(
+    loaded: LoadedModel, image2d: np.ndarray, options: PredictOptions | None = None
+) -> np.ndarray:
+    """Predict one 2D image to the end; float32 probabilities (Y, X)."""
+    return drain(iter_predict_slice(loaded, image2d, options))
+
+
+__all__ = [
+    "PROB_DTYPES",
+    "PredictOptions",
+    "iter_predict",
+    "iter_predict_slice",
+    "predict",
+    "predict_slice",
+    "prepare_network",
+    "select_device",
+]
