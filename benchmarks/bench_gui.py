@@ -190,7 +190,7 @@ def main() -> int:
     print("\nThreshold slider → displayed slice updated (ms)   target p95 ≤ 16 ms")
     for size in (512, 2048):
         r = bench_slider(viewer, qapp, size, n_values)
-        (u50, u95), (d50, d95), (r50, r95) = r["update"], r["draw"], r["ref"]
+        (u50, u95), (d50, d95), (_r50, r95) = r["update"], r["draw"], r["ref"]
         print(
             f"  {size:4d}²  update p50 {u50:5.1f}  p95 {u95:5.1f}  (p95/target {u95 / SLIDER_TARGET_MS:.2f})"
             f" | + draw p50 {d50:5.1f} p95 {d95:5.1f}"

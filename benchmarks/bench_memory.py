@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +41,26 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
+def create(path: str, dtype_name: str, z: int, y: int, x: int, planes: list[int]) -> None:
+    """Write the sparse TIFF: blobs and a little noise in ``planes``, nothing elsewhere."""
+    import tifffile
+
+    dtype = np.dtype(dtype_name)
+    mm = tifffile.memmap(
+        path, shape=(z, y, x), dtype=dtype, photometric="minisblack", metadata={"axes": "ZYX"}
+    )
+    rng = np.random.default_rng(0)
+    yy, xx = np.ogrid[:y, :x]
+    for k in planes:
+        for r0 in range(0, y, 1024):  # in bands, to keep this process small as well
+            band = (yy[r0 : r0 + 1024] % 1024 - 512) ** 2 + (xx % 1024 - 512) ** 2
+            blobs = band < (200 + 20 * k) ** 2
+            noise = rng.integers(0, 40, blobs.shape, dtype=dtype)
+            mm[k, r0 : r0 + 1024] = blobs.astype(dtype) * (np.iinfo(dtype).max // 2) + noise
+    mm.flush()
+    del mm
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", type=int, nargs=3, default=[64, 8192, 8192], metavar=("Z", "Y", "X"))
@@ -52,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default=None, help="where to create the temporary folder")
     args = ap.parse_args(argv)
 
-    import tifffile
     import torch
 
     from napari_bulbseg.events import drain
@@ -67,20 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     plane_px = y * x
     work = Path(tempfile.mkdtemp(prefix="bulbseg-bench-memory ", dir=args.dir))
     try:
-        # ---- a sparse uncompressed TIFF: only the planes we predict (and one more) get data
+        # ---- a sparse uncompressed TIFF: only the planes we predict (and one more) get data;
+        # written by a child process so that its memory does not count in our peak
         path = work / "big stack.tif"
         t0 = time.perf_counter()
-        mm = tifffile.memmap(
-            path, shape=(z, y, x), dtype=dtype, photometric="minisblack", metadata={"axes": "ZYX"}
+        planes = sorted({*args.slices, z - 1})
+        subprocess.run(
+            [sys.executable, __file__, "--create", str(path), args.dtype, str(z), str(y), str(x)]
+            + [str(k) for k in planes],
+            check=True,
         )
-        rng = np.random.default_rng(0)
-        yy, xx = np.ogrid[:y, :x]
-        for k in sorted({*args.slices, z - 1}):
-            blobs = ((yy % 1024 - 512) ** 2 + (xx % 1024 - 512) ** 2 < (200 + 20 * k) ** 2)
-            noise = rng.integers(0, 40, (1, x), dtype=dtype)  # cheap row of noise, broadcast
-            mm[k] = (blobs * (np.iinfo(dtype).max // 2)).astype(dtype) + noise
-        mm.flush()
-        del mm, blobs
         t_create = time.perf_counter() - t0
         st = os.stat(path)
         on_disk = st.st_blocks * 512
@@ -124,20 +140,35 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"stack       {z}×{y}×{x} {dtype} = {_mib(stack_bytes)} (on disk {_mib(on_disk)}, "
-          f"sparse; created in {t_create:.1f}s)")
-    print(f"open        lazy in {t_open * 1e3:.1f} ms; first slice ({_mib(plane_px * dtype.itemsize)}) "
-          f"in {t_first * 1e3:.0f} ms; peak RSS so far {_mib(rss_open)}")
-    print(f"predict     {len(args.slices)} slices, {', '.join(f'{t:.1f}s' for t in times)} "
-          f"(tiny U-Net, {args.threads} CPU threads, tile {args.tile}); cache {args.cache} "
-          f"{args.prob_dtype} {_mib(cache_bytes)} for the whole stack, {_mib(done_cache)} written")
-    print(f"memory      baseline (imports + model) {_mib(baseline)}; peak RSS {_mib(peak)}; "
-          f"peak − baseline {_mib(peak - baseline)}")
-    print(f"ratios      (peak − baseline) / stack size = {(peak - baseline) / stack_bytes:.3f}; "
-          f"/ one slice's pixels = {(peak - baseline) / plane_px:.1f} bytes per pixel of a slice; "
-          f"/ whole-stack cache = {(peak - baseline) / cache_bytes:.3f}")
+    print(
+        f"stack       {z}×{y}×{x} {dtype} = {_mib(stack_bytes)} (on disk {_mib(on_disk)}, "
+        f"sparse; created in {t_create:.1f}s)"
+    )
+    print(
+        f"open        lazy in {t_open * 1e3:.1f} ms; first slice "
+        f"({_mib(plane_px * dtype.itemsize)}) in {t_first * 1e3:.0f} ms; "
+        f"peak RSS so far {_mib(rss_open)}"
+    )
+    print(
+        f"predict     {len(args.slices)} slices, {', '.join(f'{t:.1f}s' for t in times)} "
+        f"(tiny U-Net, {args.threads} CPU threads, tile {args.tile}); cache {args.cache} "
+        f"{args.prob_dtype} {_mib(cache_bytes)} for the whole stack, {_mib(done_cache)} written"
+    )
+    print(
+        f"memory      baseline (imports + model) {_mib(baseline)}; peak RSS {_mib(peak)}; "
+        f"peak − baseline {_mib(peak - baseline)}"
+    )
+    print(
+        f"ratios      (peak − baseline) / stack size = {(peak - baseline) / stack_bytes:.3f}; "
+        f"/ one slice's pixels = {(peak - baseline) / plane_px:.1f} bytes per pixel of a slice; "
+        f"/ whole-stack cache = {(peak - baseline) / cache_bytes:.3f}"
+    )
     return 0
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--create":
+        a = sys.argv[2:]
+        create(a[0], a[1], int(a[2]), int(a[3]), int(a[4]), [int(k) for k in a[5:]])
+        sys.exit(0)
     sys.exit(main())

@@ -31,13 +31,21 @@ def main() -> None:
     idx = np.linspace(0, len(stems) - 1, args.n).round().astype(int)
     chosen = [stems[i] for i in idx]
     imgs = np.stack([tifffile.imread(val / "images" / f"{s}.tif") for s in chosen])
-    masks = np.stack([(imread(val / "masks" / f"{s}.png") > 0).astype(np.uint8) * 255 for s in chosen])
+    masks = np.stack(
+        [(imread(val / "masks" / f"{s}.png") > 0).astype(np.uint8) * 255 for s in chosen]
+    )
     OUT.mkdir(parents=True, exist_ok=True)
     meta = {"axes": "ZYX", "Info": "BBBC039 validation images (CC0): " + ", ".join(chosen)}
-    tifffile.imwrite(OUT / "bbbc039_sample.tif", imgs, imagej=True, metadata=meta,
-                     compression="zlib")
-    tifffile.imwrite(OUT / "bbbc039_sample_mask.tif", masks, imagej=True,
-                     metadata={"axes": "ZYX"}, compression="zlib")
+    tifffile.imwrite(
+        OUT / "bbbc039_sample.tif", imgs, imagej=True, metadata=meta, compression="zlib"
+    )
+    tifffile.imwrite(
+        OUT / "bbbc039_sample_mask.tif",
+        masks,
+        imagej=True,
+        metadata={"axes": "ZYX"},
+        compression="zlib",
+    )
     (OUT / "SOURCES.txt").write_text(
         "bbbc039_sample.tif / bbbc039_sample_mask.tif: images and foreground masks from the\n"
         "BBBC039v1 validation split (U2OS nuclei, Hoechst; Caicedo et al., Cytometry A 2019;\n"

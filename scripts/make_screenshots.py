@@ -178,7 +178,8 @@ def main() -> int:
     wait(qapp, lambda: not seg.running)
     wait(qapp, lambda: not s.busy)
     corr.visible = False
-    s.pred_layer.visible = True
+    viewer.dims.set_point(0, 5)
+    wait(qapp, lambda: rev._stack_worker is None)
     shot(viewer, "05-finetune")
     viewer.close()
     return 0

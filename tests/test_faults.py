@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_bulbseg import inference
+from napari_bulbseg import inference, training
 from napari_bulbseg import io as bio
-from napari_bulbseg import training
 from napari_bulbseg.cli import main
 from napari_bulbseg.data import make_sample
 from napari_bulbseg.errors import CancelledError, InputError, TrainingError
@@ -261,7 +260,9 @@ def test_cli_reports_a_full_disk_in_one_line(tmp_path, tiny_model_dir, capsys, m
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(bio.tifffile, "imwrite", full)
-    rc = main(["predict", str(img), "-o", str(out), "--model", str(tiny_model_dir)] + ["--device", "cpu"])
+    rc = main(
+        ["predict", str(img), "-o", str(out), "--model", str(tiny_model_dir), "--device", "cpu"]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     line = err.strip().splitlines()[-1]
@@ -323,8 +324,23 @@ def test_cli_nan_loss_is_one_line(home, tmp_path, capsys, monkeypatch):
     )
     before = tree(home)
     rc = main(
-        ["train", "--images", str(ds / "images"), "--masks", str(ds / "masks"), "--from", "v001"]
-        + ["--device", "cpu", "--epochs", "1", "--steps-per-epoch", "2", "--patch-size", "32"]
+        [
+            "train",
+            "--images",
+            str(ds / "images"),
+            "--masks",
+            str(ds / "masks"),
+            "--from",
+            "v001",
+            "--device",
+            "cpu",
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--patch-size",
+            "32",
+        ]
     )
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("bulbseg: error:")]
@@ -349,7 +365,7 @@ def _stack(n=3, shape=(40, 44)):
 @pytest.mark.parametrize("batch_size", [1, 3])  # 3: batches that straddle two slices
 def test_cancel_predict_after_every_event(loaded, batch_size):
     """Closing the generator after event k: finished slices are complete, the rest untouched."""
-    stack = _stack(3, (24, 40))
+    stack = _stack(3, (24, 32))
     opts = PredictOptions(tile=24, overlap=8, batch_size=batch_size, device="cpu")
     full = drain(iter_predict(loaded, stack, opts))
     events = list(iter_predict(loaded, stack, opts, out=np.zeros(stack.shape, np.float16)))
@@ -390,8 +406,20 @@ def test_cancelled_cli_predict_leaves_no_finished_looking_mask(
 
     monkeypatch.setattr(inference, "_forward", ctrl_c_in_second_file)
     rc = main(
-        ["predict", str(inputs), "-o", str(out), "--model", str(tiny_model_dir)]
-        + ["--device", "cpu", "--batch-size", "1", "--tile", "512"]
+        [
+            "predict",
+            str(inputs),
+            "-o",
+            str(out),
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "1",
+            "--tile",
+            "512",
+        ]
     )
     err = capsys.readouterr().err
     assert rc == 130 and "cancelled" in err and "Traceback" not in err
@@ -410,7 +438,9 @@ def test_interrupt_while_writing_leaves_no_mask(tmp_path, tiny_model_dir, capsys
             raise KeyboardInterrupt
 
     monkeypatch.setattr(bio.tifffile, "imwrite", half_then_ctrl_c)
-    rc = main(["predict", str(img), "-o", str(out), "--model", str(tiny_model_dir)] + ["--device", "cpu"])
+    rc = main(
+        ["predict", str(img), "-o", str(out), "--model", str(tiny_model_dir), "--device", "cpu"]
+    )
     assert rc == 130
     assert sorted(p.name for p in out.iterdir()) == ["a_prob.tif"]  # no mask, no temp file
 
@@ -532,7 +562,9 @@ def test_cli_oom_is_one_line_and_writes_nothing(tmp_path, tiny_model_dir, capsys
     img = bio.write_tiff(tmp_path / "a.tif", _stack(2, (24, 24)), axes="ZYX")
     monkeypatch.setattr(inference, "_forward", lambda net, x, amp: (_ for _ in ()).throw(_oom()))
     out = tmp_path / "out"
-    rc = main(["predict", str(img), "-o", str(out), "--model", str(tiny_model_dir)] + ["--device", "cpu"])
+    rc = main(
+        ["predict", str(img), "-o", str(out), "--model", str(tiny_model_dir), "--device", "cpu"]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("bulbseg: error: Out of memory")

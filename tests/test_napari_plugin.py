@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("napari")
 
-from napari_bulbseg import io  # noqa: E402
-from napari_bulbseg._reader import find_mask_partner, napari_get_reader  # noqa: E402
-from napari_bulbseg._writer import write_labels  # noqa: E402
+from napari_bulbseg import io
+from napari_bulbseg._reader import find_mask_partner, napari_get_reader
+from napari_bulbseg._writer import write_labels
 
 
 def _manifest():

@@ -7,8 +7,8 @@ import pytest
 
 pytest.importorskip("napari")
 
-from napari_bulbseg.metrics import slice_metrics  # noqa: E402
-from napari_bulbseg.postprocess import (  # noqa: E402
+from napari_bulbseg.metrics import slice_metrics
+from napari_bulbseg.postprocess import (
     DIFF_FN,
     DIFF_FP,
     PostProcess,
@@ -136,3 +136,32 @@ def test_threshold_review_corrections_autosave(make_napari_viewer, qtbot, bulbse
     from napari_bulbseg._widgets._session import get_session
 
     assert get_session(viewer2).reviewed == {z}
+
+
+def test_fast_slice_redraw_matches_full_refresh(make_napari_viewer, qtbot):
+    """The slider's partial redraw (napari internals) must show exactly what refresh() shows."""
+    from napari_bulbseg._widgets import ThresholdWidget
+    from napari_bulbseg._widgets._session import get_session
+
+    viewer = make_napari_viewer(show=True)
+    yy, xx = np.mgrid[:128, :128]
+    prob = np.clip(1 - np.hypot(yy - 64, xx - 64) / 64, 0, 1).astype(np.float16)
+    viewer.add_image(np.zeros((3, 128, 128), np.uint8), name="img")
+    s = get_session(viewer)
+    _, cache = s.begin_prediction(viewer.layers["img"])
+    cache[:] = prob
+    for z in range(3):
+        s.slice_predicted(z)
+    viewer.dims.set_point(0, 1)
+    tw = ThresholdWidget(viewer)
+    viewer.window.add_dock_widget(tw)
+    shots = []
+    for t in (0.9, 0.3):
+        tw.threshold.value = t
+        qtbot.wait(50)
+        fast = viewer.screenshot(canvas_only=True, flash=False)
+        s.pred_layer.refresh()
+        qtbot.wait(50)
+        shots.append(fast)
+        np.testing.assert_array_equal(fast, viewer.screenshot(canvas_only=True, flash=False))
+    assert not np.array_equal(shots[0], shots[1])  # the mask really changed on screen

@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("napari")
 
-from napari_bulbseg import io  # noqa: E402
-from napari_bulbseg.postprocess import difference_map, postprocess_slice  # noqa: E402
+from napari_bulbseg import io
+from napari_bulbseg.postprocess import difference_map, postprocess_slice
 
 pytestmark = pytest.mark.gui
 

@@ -127,7 +127,9 @@ def test_pickle_named_safetensors_with_valid_card_is_not_run(tmp_path, tiny_mode
     w = tiny_model_dir / WEIGHTS_NAME
     w.write_bytes(pickle.dumps(Evil()))
     card = json.loads((tiny_model_dir / CARD_NAME).read_text())
-    card["weights"].update(sha256=hashlib.sha256(w.read_bytes()).hexdigest(), bytes=w.stat().st_size)
+    card["weights"].update(
+        sha256=hashlib.sha256(w.read_bytes()).hexdigest(), bytes=w.stat().st_size
+    )
     (tiny_model_dir / CARD_NAME).write_text(json.dumps(card))
     with pytest.raises(ModelError, match="unreadable"):
         load_model(tiny_model_dir)
@@ -173,10 +175,14 @@ def test_cli_predict_writes_only_into_the_output_folder(tmp_path, sandbox, tiny_
     io.write_tiff(src / "s2.tif", np.ones((16, 16), np.uint8))
     out = tmp_path / "results"
     before = _snapshot(tmp_path)
-    rc = main(["predict", str(src), "-o", str(out), "--model", str(tiny_model_dir)] + ["--device", "cpu"])
+    rc = main(
+        ["predict", str(src), "-o", str(out), "--model", str(tiny_model_dir), "--device", "cpu"]
+    )
     assert rc == 0, capsys.readouterr().err
     changed = _new_files(before, _snapshot(tmp_path))
-    expected = {str(out)} | {str(out / f"{s}_{k}.tif") for s in ("s1", "s2") for k in ("mask", "prob")}
+    expected = {str(out)} | {
+        str(out / f"{s}_{k}.tif") for s in ("s1", "s2") for k in ("mask", "prob")
+    }
     assert changed == expected
     # evaluate with --csv writes that one file, nothing else
     truth = tmp_path / "truth"
@@ -188,6 +194,7 @@ def test_cli_predict_writes_only_into_the_output_folder(tmp_path, sandbox, tiny_
     assert _new_files(before, _snapshot(tmp_path)) == {str(out / "m.csv"), str(out)}
 
 
+@pytest.mark.slow  # runs the demo (3 slices of 520 × 696)
 def test_cli_demo_and_info_write_only_where_asked(tmp_path, sandbox, tiny_model_dir, capsys):
     out = tmp_path / "demo out"
     before = _snapshot(tmp_path)
@@ -225,6 +232,7 @@ def test_network_trap_works(no_network):
     assert no_network
 
 
+@pytest.mark.slow  # runs the demo (3 slices of 520 × 696)
 def test_cli_works_without_network(tmp_path, sandbox, tiny_model_dir, no_network, capsys):
     img = io.write_tiff(tmp_path / "a.tif", np.arange(400, dtype=np.uint16).reshape(20, 20))
     out = tmp_path / "o"

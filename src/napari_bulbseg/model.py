@@ -264,6 +264,13 @@ class ModelCard:
                 f"{source} has threshold {card.threshold} outside (0, 1]",
                 "fix the threshold in model.json (e.g. 0.5) or re-export the model",
             )
+        from .normalize import CHANNEL_POLICIES
+
+        if card.channel_policy not in CHANNEL_POLICIES:
+            raise ModelError(
+                f"{source} has an unknown channel policy {card.channel_policy!r}",
+                f"use one of {', '.join(CHANNEL_POLICIES)}, or re-export the model",
+            )
         _check_card_postprocess(card, source)
         _weights_file_name(card, source)
         return card

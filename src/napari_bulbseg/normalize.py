@@ -17,8 +17,9 @@ from .errors import InputError, ModelError
 _PERCENTILE_SAMPLE_PIXELS = 1 << 20
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 METHODS = ("percentile", "minmax", "none")
-#: how an image's channels are brought to a model's input channels
-CHANNEL_POLICIES = ("native", "luminance", "replicate")
+#: how an image's channels are brought to a model's input channels; "adapted" (a model whose
+#: first layer was widened to the images' channels by fine-tuning) takes them as "native"
+CHANNEL_POLICIES = ("native", "luminance", "replicate", "adapted")
 
 
 @dataclass(frozen=True)
@@ -63,18 +64,33 @@ def _subsample(x: np.ndarray) -> np.ndarray:
     return x[::step, ::step]
 
 
-def normalize_channel(x: np.ndarray, norm: Normalization) -> np.ndarray:
-    """Normalise one 2D channel to float32; non-finite pixels become 0 (background)."""
-    x = np.asarray(x, dtype=np.float32)
-    finite = np.isfinite(x)
-    all_finite = bool(finite.all())
+def normalize_channel(
+    x: np.ndarray, norm: Normalization, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Normalise one 2D channel to float32; non-finite pixels become 0 (background).
+
+    Works in one float32 buffer (``out``, or a new one; the input is never modified), so a
+    slice costs 4 bytes per pixel plus a transient 1-byte mask, whatever its dtype.
+    """
+    src = np.asarray(x)
+    if out is None:
+        out = np.empty(src.shape, dtype=np.float32)
+    elif out.shape != src.shape or out.dtype != np.float32:
+        raise InputError(
+            f"Output buffer {out.shape} {out.dtype} does not fit a {src.shape} channel",
+            "pass a float32 array of the channel's shape",
+        )
+    out[...] = src
+    all_finite = bool(np.isfinite(out).all())
     if norm.method == "none":
-        return x if all_finite else np.where(finite, x, 0.0).astype(np.float32)
-    sample = _subsample(x)
+        if not all_finite:
+            out[~np.isfinite(out)] = 0.0
+        return out
+    sample = _subsample(out)
     if not all_finite:
         sample = sample[np.isfinite(sample)]
         if sample.size == 0:
-            sample = x[finite]
+            sample = out[np.isfinite(out)]
         if sample.size == 0:
             raise InputError(
                 "The image has no finite pixel values (all NaN or infinite)",
@@ -84,14 +100,17 @@ def normalize_channel(x: np.ndarray, norm: Normalization) -> np.ndarray:
         lo, hi = np.percentile(sample, [norm.low, norm.high])
     else:
         lo, hi = float(np.min(sample)), float(np.max(sample))
+    del sample
     scale = float(hi - lo)
+    non_finite = None if all_finite else ~np.isfinite(out)
     if not np.isfinite(scale) or scale <= 1e-12 * max(1.0, abs(float(hi))):
         # constant (or nearly) image: nothing to segment, map to zeros rather than divide by 0
-        out = np.zeros_like(x, dtype=np.float32)
+        out[...] = 0.0
     else:
-        out = (x - np.float32(lo)) * np.float32(1.0 / scale)
-    if not all_finite:
-        out[~finite] = 0.0
+        np.subtract(out, np.float32(lo), out=out)
+        np.multiply(out, np.float32(1.0 / scale), out=out)
+    if non_finite is not None:
+        out[non_finite] = 0.0
     return out
 
 
@@ -110,10 +129,20 @@ def convert_channels(
     never drops a 4th channel as alpha nor mixes channels into a luminance: their count must
     match the model's.
     """
+    return _convert(image, in_channels, policy, rgb, cast=True)
+
+
+def _convert(
+    image: np.ndarray, in_channels: int, policy: str, rgb: bool | None, cast: bool
+) -> np.ndarray:
+    """:func:`convert_channels`; ``cast=False`` leaves channels passed through in their dtype
+    (views of ``image``, no copy) for :func:`prepare_image` to cast once while normalising."""
     if policy not in CHANNEL_POLICIES:
         raise ModelError(f"Unknown channel policy {policy!r}", f"use one of {CHANNEL_POLICIES}")
     if isinstance(in_channels, bool) or not isinstance(in_channels, (int, np.integer)):
         raise ModelError(f"Invalid model input channels {in_channels!r}", "re-export the model")
+    if policy == "adapted":
+        policy = "native"
     img = np.asarray(image)
     if img.ndim == 2:
         chans = img[None]
@@ -129,7 +158,7 @@ def convert_channels(
     if c == 4 and in_channels != 4 and colour:
         chans, c = chans[:3], 3  # RGBA: alpha carries no signal for segmentation
     if c == in_channels:
-        return chans.astype(np.float32, copy=False)
+        return chans.astype(np.float32, copy=False) if cast else chans
     if in_channels == 1 and c > 1 and not colour:
         raise ModelError(
             f"The model takes 1 channel but the image has {c} channels that are not RGB colour",
@@ -163,5 +192,8 @@ def prepare_image(
 
     ``rgb``: whether the image's channel axis is colour (see :func:`convert_channels`).
     """
-    chans = convert_channels(image, in_channels, policy, rgb)
-    return np.stack([normalize_channel(ch, norm) for ch in chans]).astype(np.float32, copy=False)
+    chans = _convert(image, in_channels, policy, rgb, cast=False)
+    out = np.empty(chans.shape, dtype=np.float32)
+    for c in range(chans.shape[0]):
+        normalize_channel(chans[c], norm, out=out[c])
+    return out

@@ -59,7 +59,8 @@ def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[in
     Tiles have size ``min(tile, length)``; neighbours share at least ``overlap`` pixels; the first
     tile starts at 0 and the last is flush with the end. Starts in between are spread evenly and
     rounded down to multiples of ``align`` (so that a U-Net's pooling grid in every tile lines up
-    with the whole image's; the last start is ``length - tile``, aligned when both are).
+    with the whole image's; the last start is ``length - tile``, aligned when both are). Alignment
+    is given up when ``tile - overlap < align``.
     """
     if length < 1:
         raise InputError(f"Cannot tile an empty axis (length {length})", "check the image shape")
@@ -69,9 +70,12 @@ def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[in
     if length <= tile:
         return [0]
     last = length - tile
+    if align > tile - overlap:
+        align = 1  # aligned starts cannot step by less than ``align``: give alignment up
     n = n_tiles(length, tile, overlap)
     while True:
-        starts = [0] + [(k * last // (n - 1)) // align * align for k in range(1, n - 1)] + [last]
+        inner = {(k * last // (n - 1)) // align * align for k in range(1, n - 1)}
+        starts = sorted({0, last} | inner)
         if all(b - a <= tile - overlap for a, b in itertools.pairwise(starts)):
             return starts
         n += 1  # rounding to ``align`` opened a gap narrower than ``overlap``: one more tile

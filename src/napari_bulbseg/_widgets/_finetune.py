@@ -15,7 +15,6 @@ from magicgui.widgets import (
     PushButton,
     SpinBox,
 )
-from napari.utils import progress
 from napari.utils.notifications import show_info, show_warning
 
 from . import _text as T
@@ -57,7 +56,6 @@ class FinetuneWidget(Container):
         self._session = s = get_session(viewer)
         self._worker: Any = None
         self._cancel = threading.Event()
-        self._pbar: Any = None
         self.result: Any = None
         self.ready_lbl = text_label(T.LBL_NEED_REVIEW)
         self.loss = ComboBox(label="Loss", choices=LOSSES, value="focal+dice", tooltip=T.TIP_LOSS)
@@ -156,7 +154,6 @@ class FinetuneWidget(Container):
         self.result_lbl.value = ""
         self.repredict_btn.enabled = False
         self._set_running(True)
-        self._pbar = progress(total=config.epochs * config.steps_per_epoch, desc="Fine-tuning")
         self._worker = start_job(
             finetune_job(config, samples, s.loaded, registry, self._cancel),
             on_yield=self._on_progress,
@@ -170,9 +167,6 @@ class FinetuneWidget(Container):
         self.bar.value = int(1000 * ev.fraction)
         if ev.kind == "step":
             self.plot.add_loss(ev.step, ev.loss)
-            if self._pbar is not None:
-                self._pbar.n = ev.step
-                self._pbar.refresh()
         elif ev.kind == "epoch" and ev.val_dice is not None:
             self.plot.add_dice(ev.step, ev.val_dice)
         self.status.value = ev.message or T.LBL_TRAINING.format(
@@ -209,9 +203,6 @@ class FinetuneWidget(Container):
         show_error(user_message(error))
 
     def _finished(self) -> None:
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
         self._set_running(False)
 
     def cancel(self) -> None:

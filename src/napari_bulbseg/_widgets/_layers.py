@@ -92,22 +92,15 @@ def _geometry(like: Layer, ndim: int) -> tuple[tuple[float, ...], tuple[float, .
 def write_slice(layer: Labels, z: int, mask: np.ndarray, displayed: bool) -> None:
     """Overwrite slice ``z`` of a program-owned Labels layer; redraw it when it is on screen.
 
-    On screen, only the bounding box of the changed pixels is re-coloured and uploaded (the
-    path napari's own painting takes); anything unusual falls back to ``layer.refresh()``.
+    On screen, the slice is re-coloured and uploaded through the path napari's own painting
+    takes (no undo history, no full re-slice); anything unusual falls back to ``refresh()``.
     """
     stack = layer.data if layer.ndim == 3 else layer.data[None]
-    if not displayed:
-        stack[z] = mask
-        return
-    changed = stack[z] != mask
     stack[z] = mask
-    rows = np.flatnonzero(changed.any(axis=1))
-    if rows.size == 0:
-        return
-    cols = np.flatnonzero(changed.any(axis=0))
-    box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
-    if not _partial_refresh(layer, z, box):
-        layer.refresh()
+    if displayed:
+        box = (slice(0, mask.shape[0]), slice(0, mask.shape[1]))
+        if not _partial_refresh(layer, z, box):
+            layer.refresh()
 
 
 def _partial_refresh(layer: Labels, z: int, box: tuple[slice, slice]) -> bool:

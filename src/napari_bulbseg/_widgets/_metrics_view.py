@@ -49,7 +49,7 @@ class MetricsTable(QTableWidget):
             str(m.index),
             f"{m.dice:.3f}",
             f"{m.iou:.3f}",
-            f"{m.pixel_error:.4f}",
+            f"{100 * m.pixel_error:.2f}",
             str(m.hits),
             str(m.misses),
             str(m.false_positives),

@@ -222,9 +222,10 @@ class ReviewWidget(Container):
         if sm is not None:
             m = sm.summary
             self.summary_lbl.value = T.LBL_SUMMARY.format(
+                n=len(sm.slices),
                 dice=m.dice,
                 iou=m.iou,
-                err=m.pixel_error,
+                err=100 * m.pixel_error,
                 hits=m.hits,
                 misses=m.misses,
                 fps=m.false_positives,

@@ -18,11 +18,11 @@ from magicgui.widgets import (
     SpinBox,
 )
 from napari.layers import Image
-from napari.utils import progress
-from napari.utils.notifications import show_info, show_warning
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QTimer
 
 from . import _text as T
-from ._jobs import start_job
+from ._jobs import start_job, user_message
 from ._layers import current_index, n_slices
 from ._models import FOLDER, ModelChoice, load_choice, model_choices
 from ._qt import Connections, text_label
@@ -42,16 +42,30 @@ def _load_job(choice: ModelChoice, folder: Any, device: str) -> Generator[None, 
 
 
 def _predict_job(
-    loaded: Any, stack: Any, options: Any, prob: np.ndarray, order: list[int]
+    loaded: Any, stack: Any, options: dict[str, Any], prob: np.ndarray, order: list[int]
 ) -> Generator[tuple[str, int, int, float], None, int]:
     """Predict ``order``'s slices one by one into ``prob``; yield ("tick"|"slice", k, z, frac)."""
-    from ..inference import iter_predict
+    from ..inference import PredictOptions, iter_predict
 
+    options = PredictOptions(**options)
     for k, z in enumerate(order):
         for ev in iter_predict(loaded, stack, options, out=prob, slices=[z]):
             yield "tick", k, z, float(ev.fraction)
         yield "slice", k, z, 1.0
     return len(order)
+
+
+def _warm_up() -> None:
+    """Do the one-off imports now, while the dock opens, rather than mid-prediction.
+
+    Importing holds the GIL (so a worker thread importing torch freezes the viewer just the
+    same), and napari imports pandas the first time a Labels layer is made (~1 s).
+    """
+    from napari.layers import Labels
+
+    from .. import inference  # noqa: F401 - torch and the engine, once
+
+    Labels(np.zeros((2, 2), np.uint8))
 
 
 class SegmentWidget(Container):
@@ -62,7 +76,6 @@ class SegmentWidget(Container):
         self._viewer = viewer
         self._session = get_session(viewer)
         self._worker: Any = None
-        self._pbar: Any = None
         self._t0 = 0.0
         self._finished = 0
         self.image = ComboBox(label="Image", choices=self._image_choices, tooltip=T.TIP_IMAGE)
@@ -104,6 +117,7 @@ class SegmentWidget(Container):
         c.connect(self._session.events.model_changed, self._refresh_models)
         c.connect(self._session.events.predict_requested, self._on_predict_requested)
         self._on_model_choice()
+        QTimer.singleShot(0, _warm_up)
 
     # ------------------------------------------------------------------ choices
     def _image_choices(self, _w: Any = None) -> list[tuple[str, Image]]:
@@ -169,17 +183,16 @@ class SegmentWidget(Container):
             on_abort=lambda: self._set_running(False),
         )
 
-    def _options(self) -> Any:
-        from ..inference import PredictOptions
-
-        return PredictOptions(
-            tile=int(self.tile.value),
-            overlap=int(self.overlap.value),
-            tta=bool(self.tta.value),
-            device=str(self.device.value),
+    def _options(self) -> dict[str, Any]:
+        """PredictOptions fields (built in the worker: importing torch here would block the GUI)."""
+        return {
+            "tile": int(self.tile.value),
+            "overlap": int(self.overlap.value),
+            "tta": bool(self.tta.value),
+            "device": str(self.device.value),
             # on the CPU, leave one core to napari so the viewer stays responsive
-            num_threads=max(1, (os.cpu_count() or 2) - 1),
-        )
+            "num_threads": max(1, (os.cpu_count() or 2) - 1),
+        }
 
     def _predict(self, image: Image, choice: ModelChoice, loaded: Any, label: str) -> None:
         s = self._session
@@ -192,7 +205,6 @@ class SegmentWidget(Container):
         order = [z0] + [z for z in range(n_slices(image)) if z != z0]
         stack, prob = s.begin_prediction(image)
         self._t0, self._finished = time.perf_counter(), 0
-        self._pbar = progress(total=len(order), desc=f"Segmenting {image.name}")
         self.status.value = T.MSG_PREDICTING.format(z=z0)
         self._worker = start_job(
             _predict_job(loaded, stack, self._options(), prob, order),
@@ -200,7 +212,6 @@ class SegmentWidget(Container):
             on_done=self._done,
             on_error=self._failed,
             on_abort=self._aborted,
-            on_finish=self._close_pbar,
         )
         self._worker._bulbseg_total = len(order)
 
@@ -211,8 +222,6 @@ class SegmentWidget(Container):
         if kind == "slice":
             self._finished = k + 1
             self._session.slice_predicted(z)
-            if self._pbar is not None:
-                self._pbar.update(1)
 
     def _done(self, n: int) -> None:
         dt = time.perf_counter() - self._t0
@@ -228,18 +237,9 @@ class SegmentWidget(Container):
         self._set_running(False)
 
     def _failed(self, error: BaseException) -> None:
-        from napari.utils.notifications import show_error
-
-        from ._jobs import user_message
-
         self.status.value = user_message(error)
         show_error(user_message(error))
         self._set_running(False)
-
-    def _close_pbar(self) -> None:
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
 
     def cancel(self) -> None:
         """Stop after the tile in progress; finished slices are kept."""

@@ -76,19 +76,19 @@ TIP_REVIEWED = "Reviewed slices are used for fine-tuning and for the threshold s
 BTN_NEXT = "Reviewed → next slice"
 BTN_EXPORT = "Export metrics CSV…"
 LBL_SUMMARY = (
-    "Stack: Dice {dice:.3f} · IoU {iou:.3f} · pixel error {err:.4f} · "
-    "objects hit {hits} / missed {misses} / false {fps}"
+    "Stack ({n} slices): Dice {dice:.3f} · IoU {iou:.3f} · pixel error {err:.2f}% · "
+    "objects: {hits} hit, {misses} missed, {fps} false"
 )
 LBL_SLICE = "Slice {z}: Dice {dice:.3f} · IoU {iou:.3f} · errors {fp} FP + {fn} FN px"
 LBL_SAVED = "Corrections autosaved at {when}."
 LBL_NO_TRUTH = "Choose a reference layer to compare against."
-TABLE_HEADERS = ("z", "Dice", "IoU", "px err", "hits", "miss", "FP obj", "✓")
+TABLE_HEADERS = ("z", "Dice", "IoU", "err %", "hits", "miss", "FP obj", "✓")
 TABLE_TIPS = (
     "slice index",
     "Dice (F1) of the prediction vs the reference",
     "intersection over union",
-    "fraction of pixels that differ",
-    "reference objects matched by a predicted one (IoU ≥ 0.5)",
+    "pixel error: percentage of pixels that differ",
+    "reference objects matched by a predicted one (IoU > 0.5)",
     "reference objects with no match",
     "predicted objects matching no reference object",
     "slice marked as reviewed",
