@@ -192,7 +192,8 @@ def main() -> int:
         r = bench_slider(viewer, qapp, size, n_values)
         (u50, u95), (d50, d95), (_r50, r95) = r["update"], r["draw"], r["ref"]
         print(
-            f"  {size:4d}²  update p50 {u50:5.1f}  p95 {u95:5.1f}  (p95/target {u95 / SLIDER_TARGET_MS:.2f})"
+            f"  {size:4d}²  update p50 {u50:5.1f}  p95 {u95:5.1f}"
+            f"  (p95/target {u95 / SLIDER_TARGET_MS:.2f})"
             f" | + draw p50 {d50:5.1f} p95 {d95:5.1f}"
             f" | napari write+refresh alone p95 {r95:5.1f} (ratio {u95 / max(r95, 1e-9):.2f})"
         )

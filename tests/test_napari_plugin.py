@@ -100,7 +100,7 @@ def test_writer_keeps_label_images(tmp_path):
 def test_sample_data():
     from napari_bulbseg._sample_data import bbbc039_sample, bulb_phantom_sample
 
-    (img, meta, kind), (gt, gmeta, gkind) = bbbc039_sample()
+    (img, _, kind), (gt, _, gkind) = bbbc039_sample()
     assert (kind, gkind) == ("image", "labels")
     assert img.shape == gt.shape and img.ndim == 3
     assert set(np.unique(gt)) == {0, 1}
