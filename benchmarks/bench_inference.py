@@ -43,10 +43,10 @@ DATA = ROOT.parent / "shared" / "data" / "bbbc039"
 # name -> PredictOptions overrides (tile/overlap/blend/trim); "default" = PredictOptions()
 VARIANTS: dict[str, dict] = {
     "ours:default": {},
-    "ours:t1024": {"tile": 1024},
-    "ours:o64": {"overlap": 64},
-    "ours:o32-cos": {"overlap": 32, "blend": "cosine", "trim": 0},
-    "ours:o64-gauss": {"overlap": 64, "blend": "gaussian", "trim": 0},
+    "ours:t512-o96": {"tile": 512, "overlap": 96},
+    "ours:t1024-o64": {"tile": 1024, "overlap": 64},
+    "ours:t512-o32-cos": {"tile": 512, "overlap": 32, "blend": "cosine", "trim": 0},
+    "ours:t512-o128-gau": {"tile": 512, "overlap": 128, "blend": "gaussian", "trim": 0},
     "ours:untiled": {"tile": 4096, "overlap": 0},
 }
 SLICE_CONTENDERS = [*VARIANTS, "whole", "monai", "monai+prepared"]
@@ -184,11 +184,9 @@ def run_child(args: argparse.Namespace) -> None:
     else:
         raise SystemExit(f"unknown contender {name}")
 
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # model + data loaded, no run yet
     for _ in range(args.warmup):
         once()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for _ in range(args.repeats):
         sync()
@@ -207,7 +205,7 @@ def run_child(args: argparse.Namespace) -> None:
         "rss_peak_delta_mib": (rss1 - rss0) / 1024,
         "megapixels": data.shape[0] * data.shape[1] * data.shape[2] / 1e6,
     }
-    if device.type == "cuda":
+    if device.type == "cuda":  # over warm-up and timed runs
         res["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -252,7 +250,7 @@ def run_case(args: argparse.Namespace, case: str, contenders: list[str], tmp: st
             continue
         r = json.loads(line[len("RESULT ") :])
         print(
-            f"  {case:5s} {name:16s} {r['median_s']:7.2f} s"
+            f"  {case:5s} {name:18s} {r['median_s']:7.2f} s"
             f"  ({time.perf_counter() - t0:.0f} s wall)",
             flush=True,
         )
@@ -280,7 +278,7 @@ def run_case(args: argparse.Namespace, case: str, contenders: list[str], tmp: st
 def print_table(case: str, desc: str, results: list[dict]) -> None:
     print(f"\n{case}: {desc}")
     head = (
-        f"{'contender':16s} {'median s':>9s} {'MP/s':>6s} {'×MONAI':>7s} {'t/whole':>8s} "
+        f"{'contender':18s} {'median s':>9s} {'MP/s':>6s} {'×MONAI':>7s} {'t/whole':>8s} "
         f"{'t/untiled':>9s} {'peak ΔRSS MiB':>13s} {'max|Δ| MONAI':>12s} {'max|Δ| whole':>12s}"
     )
     print(head)
@@ -291,7 +289,7 @@ def print_table(case: str, desc: str, results: list[dict]) -> None:
 
     for r in results:
         print(
-            f"{r['name']:16s} {r['median_s']:9.2f} {r['mp_per_s']:6.2f} {f(r, 'x_monai', '7.2f')} "
+            f"{r['name']:18s} {r['median_s']:9.2f} {r['mp_per_s']:6.2f} {f(r, 'x_monai', '7.2f')} "
             f"{f(r, 'time_vs_whole', '8.2f')} {f(r, 'time_vs_untiled', '9.2f')} "
             f"{r['rss_peak_delta_mib']:13.0f} {f(r, 'max_abs_vs_monai', '12.1e')} "
             f"{f(r, 'max_abs_vs_whole', '12.1e')}"

@@ -246,7 +246,8 @@ def test_disk_full_while_saving_model_corrections_and_csv(home):
     kind, cls, msg = res["corrections"]
     assert kind == "BulbsegError" and cls == "InputError", res
     assert "File too large" in msg and "left unchanged" in msg
-    assert res["csv"][0] == "OSError", res
+    # the CSV, like the corrections: a clear InputError, the old file left unchanged
+    assert res["csv"][0] == "BulbsegError" and res["csv"][1] == "InputError", res
     assert tree(home) == before  # byte for byte: no new, half-written or temporary file
 
 

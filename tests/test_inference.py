@@ -19,7 +19,16 @@ from napari_bulbseg.inference import (
     predict,
     select_device,
 )
-from napari_bulbseg.model import LoadedModel, ModelCard, UNet, UNetConfig, load_model, save_model
+from napari_bulbseg.model import (
+    LoadedModel,
+    ModelCard,
+    UNet,
+    UNetConfig,
+    bundled_model_dir,
+    load_bundled,
+    load_model,
+    save_model,
+)
 from napari_bulbseg.normalize import prepare_image
 
 F32 = PredictOptions(prob_dtype="float32")
@@ -95,18 +104,23 @@ def test_output_shape_and_tiled_equals_whole(tiny, shape):
 
 
 def test_default_options_match_whole_image_pass(tmp_path):
-    """The default tile/overlap/blend reproduce one whole-image forward pass of the project's
-    4-level, 16-channel U-Net within 1e-3, and the test is sharp: abutting tiles do not."""
-    img = blobs((700, 600), seed=3)
-    loaded = make_loaded(tmp_path, UNetConfig(), calib=img)
+    """The default tile/overlap/blend reproduce one whole-image forward pass within 1e-3 for a
+    4-level, 16-channel U-Net (the bundled model where present, else one whose batch norm is
+    calibrated on the image), and the test is sharp: thin overlaps without trim do not."""
+    img = blobs((1100, 260), seed=3)
+    if bundled_model_dir().is_dir():
+        loaded = load_bundled()
+    else:  # pragma: no cover - the bundled model ships with the package
+        loaded = make_loaded(tmp_path, UNetConfig(), calib=img)
+    assert loaded.card.unet_config.depth == 4
     ref = whole(loaded, img)
-    assert ref.std() > 0.02  # the model's output varies: edge effects would show
+    assert ref.std() > 0.05  # the model's output varies: edge effects would show
     grid = inference._Plan.make(img.shape, 8, PredictOptions()).grid
-    assert len(grid) > 1  # the image really is tiled with the default options
+    assert len(grid) == 2  # the image really is tiled with the default options
     tiled = predict(loaded, img, F32)[0]
     assert np.abs(tiled - ref).max() < 1e-3
-    naive = predict(loaded, img, PredictOptions(overlap=8, blend="cosine", trim=0, tile=512))
-    assert np.abs(naive[0].astype(np.float32) - ref).max() > 1e-3
+    naive = PredictOptions(overlap=16, blend="cosine", trim=0, prob_dtype="float32")
+    assert np.abs(predict(loaded, img, naive)[0] - ref).max() > 1e-2
 
 
 @pytest.mark.parametrize("blend", ["gaussian", "cosine", "linear", "constant"])

@@ -435,7 +435,7 @@ def test_write_to_read_only_folder(tmp_path, monkeypatch):
     def deny(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(io.tempfile, "mkstemp", deny)
+    monkeypatch.setattr(__import__("tempfile"), "mkstemp", deny)
     with pytest.raises(InputError, match="Permission denied") as exc:
         io.write_mask(tmp_path / "m.tif", np.zeros((4, 4), bool))
     assert "permission" in exc.value.hint

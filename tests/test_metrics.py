@@ -322,7 +322,7 @@ def test_write_metrics_csv_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(metrics_mod.os, "replace", failing_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match="left unchanged"):
         write_metrics_csv(path, sm)
     assert path.read_text() == "old"
     assert os.listdir(tmp_path) == ["metrics.csv"]

@@ -58,7 +58,7 @@ class PredictOptions:
     batch); ``None`` leaves torch's setting alone.
     """
 
-    tile: int = 512
+    tile: int = 1024
     overlap: int = 96
     batch_size: int = 4
     tta: bool = False
@@ -236,9 +236,12 @@ def _forward(net: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None) -> 
 class _Engine:
     """The prepared network on its device, with batch size and device fallback on OOM."""
 
-    def __init__(self, loaded: LoadedModel, options: PredictOptions) -> None:
+    def __init__(
+        self, loaded: LoadedModel, options: PredictOptions, shape: tuple[int, int]
+    ) -> None:
         self.source = loaded.model
         self.options = options
+        self.plan = _Plan.make(shape, loaded.card.unet_config.multiple, options)
         self.device = select_device(options.device)
         self.net = prepare_network(self.source, self.device)
         self.batch = options.batch_size
@@ -403,22 +406,22 @@ def _as_source(stack: Any) -> _Source:
             )
         _check_shape(shape)
         return _Source(shape[0], (shape[1], shape[2]), channels, stack.plane)
+    # numpy, memmap, zarr, dask…: index plane by plane, never load the whole stack here
     arr = stack if hasattr(stack, "shape") and hasattr(stack, "ndim") else np.asarray(stack)
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim not in (3, 4):
+    shape = tuple(int(s) for s in arr.shape)
+    if len(shape) not in (2, 3, 4):
         raise InputError(
-            f"Cannot predict on an array of shape {tuple(arr.shape)}",
+            f"Cannot predict on an array of shape {shape}",
             "expected (Y, X), (Z, Y, X) or (Z, Y, X, C) with channels last",
         )
-    _check_shape(tuple(arr.shape))
+    _check_shape(shape)
     dtype = np.dtype(arr.dtype)
     if dtype.kind not in "biuf":
         raise InputError(f"Cannot predict on an image of dtype {dtype}", "use a numeric image")
-    channels = int(arr.shape[3]) if arr.ndim == 4 else None
-    return _Source(
-        int(arr.shape[0]), (int(arr.shape[1]), int(arr.shape[2])), channels, lambda i: arr[i]
-    )
+    if len(shape) == 2:  # one 2D image: a stack of one slice
+        return _Source(1, shape, None, lambda _i: np.asarray(arr))
+    channels = shape[3] if len(shape) == 4 else None
+    return _Source(shape[0], (shape[1], shape[2]), channels, lambda i: np.asarray(arr[i]))
 
 
 def _check_shape(shape: tuple[int, ...]) -> None:
@@ -479,8 +482,7 @@ def _run(
     (float32 (Y, X)) to ``sink``; yields Progress after each batch."""
     options = engine.options
     card = loaded.card
-    multiple = card.unet_config.multiple
-    plan = _Plan.make(source.shape, multiple, options)
+    plan = engine.plan
     grid = plan.grid
     starts = list(grid)
     per_slice = len(starts)
@@ -558,7 +560,7 @@ def iter_predict_slice(
         )
     source = _as_source(img[None])
     _check_channels(loaded, source.channels)
-    engine = _Engine(loaded, options)
+    engine = _Engine(loaded, options, source.shape)
     return _slice_job(engine, source, loaded)
 
 
@@ -588,7 +590,10 @@ def iter_predict(
     """
     options = options or PredictOptions()
     if not isinstance(options, PredictOptions):
-        raise InputError(f"options must be PredictOptions, not {type(options).__name__}", "")
+        raise InputError(
+            f"options must be PredictOptions, not {type(options).__name__}",
+            "build them with PredictOptions(tile=..., overlap=...)",
+        )
     _check_loaded(loaded)
     source = _as_source(stack)
     _check_channels(loaded, source.channels)
@@ -602,7 +607,7 @@ def iter_predict(
             "give `out` the stack's (Z, Y, X) shape",
         )
     encode = _encoder(np.dtype(out.dtype))
-    engine = _Engine(loaded, options)
+    engine = _Engine(loaded, options, source.shape)
     return _stack_job(engine, source, indices, loaded, out, encode)
 
 

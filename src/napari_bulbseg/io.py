@@ -41,18 +41,18 @@ import math
 import os
 import re
 import struct
-import tempfile
 import threading
 import xml.etree.ElementTree as ET
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import tifffile
 
+from .atomic import atomic_write
 from .errors import InputError
 
 __all__ = [
@@ -1057,55 +1057,6 @@ def list_pairs(
 # writing
 
 
-def _umask() -> int:
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    return 0o022
-
-
-@contextlib.contextmanager
-def _atomic_write(path: Path) -> Iterator[IO[bytes]]:
-    """Yield a binary file in ``path``'s folder; on success fsync and move it onto ``path``."""
-    if path.is_dir():
-        raise InputError(f"{path} is a folder", "give a file name to write to")
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise InputError(
-            f"Cannot write to folder {parent}: {e.strerror or e}",
-            "choose a folder you can write to (check permissions and free space)",
-        ) from e
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with open(tmp, "r+b") as fh:  # a named handle: tifffile wants fh.name to be a path
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(e, OSError):
-            raise InputError(
-                f"Could not write {path}: {e.strerror or e}",
-                "check free disk space and permissions; any existing file was left unchanged",
-            ) from e
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable
-        dfd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
 def _is_ome_name(path: Path) -> bool:
     return path.name.lower().endswith((".ome.tif", ".ome.tiff"))
 
@@ -1257,7 +1208,7 @@ def write_tiff(
         if z_spacing:
             meta["z_spacing"] = float(z_spacing)
         kwargs.update(metadata=meta, ome=False)
-    with _atomic_write(p) as fh:
+    with atomic_write(p) as fh:
         try:
             tifffile.imwrite(fh, arr, **kwargs)
         except (ValueError, TypeError, KeyError) as e:
@@ -1284,7 +1235,7 @@ def write_mask(path: str | os.PathLike, mask: Any, **kw: Any) -> Path:
             )
         from PIL import Image
 
-        with _atomic_write(p) as fh:
+        with atomic_write(p) as fh:
             Image.fromarray(m.reshape(m.shape[-2:])).save(fh, format="PNG")
         return p
     kw.setdefault("axes", "YX" if m.ndim == 2 else "ZYX")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -37,6 +36,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from .atomic import atomic_write
 from .errors import InputError
 from .postprocess import STRUCTURE, as_bool_mask, label_sizes
 
@@ -383,23 +383,8 @@ def write_metrics_csv(path: str | os.PathLike[str], metrics: StackMetrics) -> Pa
     if path.is_dir():
         raise InputError(f"{path} is a folder", "give a file name for the CSV, e.g. metrics.csv")
     rows = _csv_rows(metrics)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise InputError(
-            f"Cannot write to folder {path.parent}: {e.strerror or e}",
-            "choose a folder you can write to (check permissions and free space)",
-        ) from e
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(CSV_COLUMNS)
-            writer.writerows(rows)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # OSError (disk full, permissions) propagates; the old file stays
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(CSV_COLUMNS)
+        writer.writerows(rows)
     return path

@@ -12,7 +12,6 @@ any mismatch is a :class:`~napari_bulbseg.errors.ModelError` that says what to d
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
+from .atomic import fsync_dir
 from .errors import ModelError
 from .normalize import Normalization
 
@@ -344,15 +344,6 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not possible on every platform
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def save_model(
     directory: str | os.PathLike,
     model: UNet,
@@ -394,9 +385,13 @@ def save_model(
     try:
         _fsync_write(tmp / WEIGHTS_NAME, payload)
         _fsync_write(tmp / CARD_NAME, card.to_json().encode("utf-8"))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
+        # mkdtemp makes the folder private (0700); give it the permissions of a normal folder
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         os.replace(tmp, directory)
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write
 from .normalize import Normalization, normalize_channel
 from .postprocess import DIFF_COLORS, DIFF_FN, DIFF_FP, DIFF_TP
 
@@ -93,16 +92,6 @@ def save_overview(
         draw.rectangle([x, 5, x + 12, 17], fill=col, outline=(0, 0, 0))
         draw.text((x + 16, 5), text, fill=(0, 0, 0))
         x += 16 + 7 * len(text) + 14
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format="PNG")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_write(path) as fh:
+        img.save(fh, format="PNG")
+    return Path(path)

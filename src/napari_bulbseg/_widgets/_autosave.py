@@ -11,13 +11,11 @@ image's source path (or its layer name) and shape, so reopening the same file fi
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
 import re
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -72,6 +70,7 @@ class CorrectionStore:
 
     def save(self, mask: np.ndarray, reviewed: set[int]) -> Path:
         """Write the mask (atomic) then the state JSON (atomic)."""
+        from ..atomic import write_text_atomic
         from ..io import write_mask
 
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -83,17 +82,7 @@ class CorrectionStore:
             "reviewed": sorted(int(z) for z in reviewed),
             "saved_at": _dt.datetime.now().isoformat(timespec="seconds"),
         }
-        fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=self.folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(state, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.folder / STATE)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_text_atomic(self.folder / STATE, json.dumps(state, indent=1))
         return self.mask_path
 
     def load(self) -> tuple[np.ndarray, set[int]]:
