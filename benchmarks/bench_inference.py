@@ -1,24 +1,29 @@
 """Benchmark sliding-window prediction against MONAI and against one whole-image forward pass.
 
     .venv/bin/python benchmarks/bench_inference.py            # CPU, 2 threads, full run
-    .venv/bin/python benchmarks/bench_inference.py --quick    # smaller, 1 repeat: a smoke test
+    .venv/bin/python benchmarks/bench_inference.py --quick    # smaller, 1 round: a smoke test
 
 Cases: one 2048×2048 slice and a 16×512×512 stack, built from BBBC039 images in
 ``../shared/data`` when present (synthetic blobs otherwise). Weights: the bundled model when
-present, else a seeded random ``UNetConfig()`` (say which in the table). Contenders:
+present, else a seeded random ``UNetConfig()`` (the table says which). Contenders:
 
 - ``ours:*`` — :func:`napari_bulbseg.inference.predict` on the *raw* image (normalisation,
   padding, tiling, blending and float16 storage included in the time);
 - ``monai`` — ``monai.inferers.sliding_window_inference`` (roi 512, overlap 0.25, gaussian,
   same sw_batch_size) with the loaded model, on the *pre-normalised* tensor (not timed);
 - ``monai+prepared`` — the same with our prepared network (BN folded, channels-last), which
-  separates the gain from tiling from the gain from preparing the network;
-- ``whole`` — one forward pass of the loaded model over the whole pre-normalised slice;
-- ``ours:untiled`` — our pipeline with a tile larger than the image (one forward pass).
+  separates what tiling gains from what preparing the network gains;
+- ``whole`` — one forward pass of the loaded model over the whole pre-normalised slice (the
+  stack: slices in batches of ``--batch``);
+- ``ours:untiled`` — our pipeline with a tile larger than the image (one forward pass of the
+  prepared network): the fair reference for the cost of tiling.
 
-Each contender runs in a fresh subprocess (clean peak RSS: ``ru_maxrss`` after the runs minus
-before them); 3 warm-up runs, then the median of ``--repeats`` timed runs. Prints a table and
-one JSON line.
+Timing: all contenders in one process, 3 warm-up runs each, then ``--rounds`` rounds in which
+every contender runs once (order rotated each round), so a busy machine slows all alike; the
+table shows medians of wall time and of CPU time (``time.process_time``, all threads), the
+latter less sensitive to other processes. Peak memory: each contender once more in a fresh
+subprocess (Linux VmHWM peak RSS during the run minus RSS before it, model and data loaded).
+Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -117,30 +121,25 @@ def load(model_dir: str | None):
     return LoadedModel(net, ModelCard(name="random")), "seeded random UNetConfig() (no bundled)"
 
 
-# --------------------------------------------------------------------------- one contender
+# --------------------------------------------------------------------------- contenders
 
 
-def run_child(args: argparse.Namespace) -> None:
+def build(name: str, args: argparse.Namespace, loaded, data: np.ndarray):
+    """(run, exact): ``run()`` is what is timed; ``exact()`` gives float32 probabilities."""
     import torch
 
     from napari_bulbseg.inference import PredictOptions, predict, prepare_network, select_device
     from napari_bulbseg.normalize import prepare_image
 
-    torch.set_num_threads(args.threads)
     device = select_device(args.device)
-    loaded, _ = load(args.model)
-    data, _ = make_data(args.case, args.size, tuple(args.stack))
-    name = args.child
     card = loaded.card
-    if name == "monai" or name == "monai+prepared":
-        from monai.inferers import sliding_window_inference
     net = loaded.model.to(device).eval()
     if name == "monai+prepared":
         net = prepare_network(loaded.model, device)
-    norm = np.stack(
-        [prepare_image(p, card.in_channels, card.norm, card.channel_policy) for p in data]
-    )
-    x_all = torch.from_numpy(norm).to(device)  # (Z, C, Y, X), normalised outside the timing
+    x_all = None
+    if not name.startswith("ours:"):  # the references get the normalised tensor for free
+        norm = [prepare_image(p, card.in_channels, card.norm, card.channel_policy) for p in data]
+        x_all = torch.from_numpy(np.stack(norm)).to(device)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -149,15 +148,17 @@ def run_child(args: argparse.Namespace) -> None:
     if name.startswith("ours:"):
         opts = PredictOptions(batch_size=args.batch, device=str(device), **VARIANTS[name])
 
-        def once() -> np.ndarray:
+        def run() -> np.ndarray:
             return predict(loaded, data, opts)
 
         def exact() -> np.ndarray:  # same tiling, float32 storage, for the agreement figures
             return predict(loaded, data, dataclasses.replace(opts, prob_dtype="float32"))
 
-    elif name.startswith("monai"):
+        return run, exact
+    if name.startswith("monai"):
+        from monai.inferers import sliding_window_inference
 
-        def once() -> np.ndarray:
+        def run() -> np.ndarray:
             with torch.inference_mode():
                 y = sliding_window_inference(
                     x_all,
@@ -170,129 +171,151 @@ def run_child(args: argparse.Namespace) -> None:
                 sync()
                 return y[:, 0].float().cpu().numpy()
 
-        exact = once
-    elif name == "whole":
+        return run, run
+    if name == "whole":
 
-        def once() -> np.ndarray:
+        def run() -> np.ndarray:
             with torch.inference_mode():
-                step = args.batch
-                outs = [torch.sigmoid(net(x_all[i : i + step])) for i in range(0, len(x_all), step)]
+                b = args.batch
+                outs = [torch.sigmoid(net(x_all[i : i + b])) for i in range(0, len(x_all), b)]
                 sync()
                 return torch.cat(outs)[:, 0].float().cpu().numpy()
 
-        exact = once
-    else:
-        raise SystemExit(f"unknown contender {name}")
+        return run, run
+    raise SystemExit(f"unknown contender {name}")
 
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # model + data loaded, no run yet
-    for _ in range(args.warmup):
-        once()
-    times = []
-    for _ in range(args.repeats):
-        sync()
-        t0 = time.perf_counter()
-        once()
-        sync()
-        times.append(time.perf_counter() - t0)
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    prob = np.asarray(exact(), dtype=np.float32)
-    np.save(Path(args.tmp) / f"{args.case}-{name.replace(':', '_').replace('+', '_')}.npy", prob)
-    res = {
-        "name": name,
-        "median_s": statistics.median(times),
-        "times_s": times,
-        "rss_peak_mib": rss1 / 1024,
-        "rss_peak_delta_mib": (rss1 - rss0) / 1024,
-        "megapixels": data.shape[0] * data.shape[1] * data.shape[2] / 1e6,
-    }
-    if device.type == "cuda":  # over warm-up and timed runs
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def run_child(args: argparse.Namespace) -> None:
+    """One contender, once, in a fresh process: peak memory of the run.
+
+    Linux: VmHWM (this process's peak RSS) after resetting it through /proc/self/clear_refs,
+    minus VmRSS before the run. ``ru_maxrss`` is only the fallback: Linux carries the parent's
+    high-water mark across fork+exec, which hides a child's smaller peak.
+    """
+    import torch
+
+    torch.set_num_threads(args.threads)
+    loaded, _ = load(args.model)
+    data, _ = make_data(args.case, args.size, tuple(args.stack))
+    run, _ = build(args.child, args, loaded, data)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    before = _status_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        method = "VmHWM"
+    except OSError:
+        method = "ru_maxrss"
+    ru0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run()
+    if method == "VmHWM" and before is not None:
+        delta = (_status_kib("VmHWM") or 0) - before
+    else:
+        delta = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - ru0
+    res = {"rss_peak_delta_mib": delta / 1024, "memory_method": method}
+    if args.device.startswith("cuda"):
         res["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(res), flush=True)
+
+
+def peak_memory(args: argparse.Namespace, case: str, name: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", name, "--case", case, "--device", args.device]
+    cmd += ["--threads", str(args.threads), "--batch", str(args.batch), "--size", str(args.size)]
+    cmd += ["--stack", *map(str, args.stack)] + (["--model", args.model] if args.model else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        print(f"  memory run {case}/{name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return {}
+    return json.loads(line[len("RESULT ") :])
 
 
 # --------------------------------------------------------------------------- driver
 
 
-def run_case(args: argparse.Namespace, case: str, contenders: list[str], tmp: str) -> list[dict]:
-    results = []
-    for name in contenders:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            name,
-            "--case",
-            case,
-            "--tmp",
-            tmp,
-            "--device",
-            args.device,
-            "--threads",
-            str(args.threads),
-            "--batch",
-            str(args.batch),
-            "--warmup",
-            str(args.warmup),
-            "--repeats",
-            str(args.repeats),
-            "--size",
-            str(args.size),
-            "--stack",
-            *map(str, args.stack),
-        ]
-        if args.model:
-            cmd += ["--model", args.model]
+def run_case(args: argparse.Namespace, case: str, contenders: list[str]) -> tuple[str, list]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    loaded, _ = load(args.model)
+    data, desc = make_data(case, args.size, tuple(args.stack))
+    runs = {name: build(name, args, loaded, data) for name in contenders}
+    for name, (run, _) in runs.items():
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode or line is None:
-            print(f"  {case}/{name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-            continue
-        r = json.loads(line[len("RESULT ") :])
-        print(
-            f"  {case:5s} {name:18s} {r['median_s']:7.2f} s"
-            f"  ({time.perf_counter() - t0:.0f} s wall)",
-            flush=True,
-        )
+        for _ in range(args.warmup):
+            run()
+        print(f"  {case} {name}: warmed up ({time.perf_counter() - t0:.0f} s)", flush=True)
+    wall: dict[str, list[float]] = {n: [] for n in runs}
+    cpu: dict[str, list[float]] = {n: [] for n in runs}
+    names = list(runs)
+    for k in range(args.rounds):
+        load1 = os.getloadavg()[0]
+        for name in names[k % len(names) :] + names[: k % len(names)]:
+            c0, t0 = time.process_time(), time.perf_counter()
+            runs[name][0]()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+        print(f"  {case} round {k + 1}/{args.rounds} done (load average {load1:.1f})", flush=True)
+    probs = {name: np.asarray(runs[name][1](), dtype=np.float32) for name in runs}
+    mp = data.shape[0] * data.shape[1] * data.shape[2] / 1e6
+    results = []
+    for name in runs:
+        r = {
+            "name": name,
+            "median_s": statistics.median(wall[name]),
+            "median_cpu_s": statistics.median(cpu[name]),
+            "wall_s": wall[name],
+            "cpu_s": cpu[name],
+            "megapixels": mp,
+        }
+        r["mp_per_s"] = mp / r["median_s"]
+        if not args.no_memory:
+            r.update(peak_memory(args, case, name))
         results.append(r)
-    probs = {
-        r["name"]: np.load(
-            Path(tmp) / f"{case}-{r['name'].replace(':', '_').replace('+', '_')}.npy"
-        )
-        for r in results
-    }
     by = {r["name"]: r for r in results}
     for r in results:
-        r["mp_per_s"] = r["megapixels"] / r["median_s"]
-        if "monai" in by:
-            r["x_monai"] = by["monai"]["median_s"] / r["median_s"]
-            r["max_abs_vs_monai"] = float(np.abs(probs[r["name"]] - probs["monai"]).max())
-        if "whole" in by:
-            r["time_vs_whole"] = r["median_s"] / by["whole"]["median_s"]
-            r["max_abs_vs_whole"] = float(np.abs(probs[r["name"]] - probs["whole"]).max())
-        if "ours:untiled" in by:
-            r["time_vs_untiled"] = r["median_s"] / by["ours:untiled"]["median_s"]
-    return results
+        for ref, key in (("monai", "monai"), ("whole", "whole"), ("ours:untiled", "untiled")):
+            if ref not in by:
+                continue
+            r[f"speed_vs_{key}"] = by[ref]["median_s"] / r["median_s"]
+            r[f"cpu_speed_vs_{key}"] = by[ref]["median_cpu_s"] / r["median_cpu_s"]
+            if ref != "ours:untiled":
+                diff = np.abs(probs[r["name"]] - probs[ref])
+                r[f"max_abs_vs_{key}"] = float(diff.max())
+                r[f"frac_over_1e-3_vs_{key}"] = float((diff > 1e-3).mean())
+    return desc, results
 
 
 def print_table(case: str, desc: str, results: list[dict]) -> None:
     print(f"\n{case}: {desc}")
     head = (
-        f"{'contender':18s} {'median s':>9s} {'MP/s':>6s} {'×MONAI':>7s} {'t/whole':>8s} "
-        f"{'t/untiled':>9s} {'peak ΔRSS MiB':>13s} {'max|Δ| MONAI':>12s} {'max|Δ| whole':>12s}"
+        f"{'contender':18s} {'wall s':>7s} {'cpu s':>7s} {'MP/s':>5s} {'×MONAI':>6s} "
+        f"{'t/whole':>7s} {'t/untiled':>9s} {'ΔRSS MiB':>8s} {'|Δ|MONAI':>8s} {'|Δ|whole':>8s}"
     )
     print(head)
     print("-" * len(head))
 
-    def f(r: dict, k: str, fmt: str) -> str:
-        return format(r[k], fmt) if k in r else "—"
+    def f(r: dict, k: str, fmt: str, inv: bool = False) -> str:
+        if k not in r:
+            return "—".rjust(int(fmt.split(".")[0]))
+        return format(1 / r[k] if inv else r[k], fmt)
 
     for r in results:
         print(
-            f"{r['name']:18s} {r['median_s']:9.2f} {r['mp_per_s']:6.2f} {f(r, 'x_monai', '7.2f')} "
-            f"{f(r, 'time_vs_whole', '8.2f')} {f(r, 'time_vs_untiled', '9.2f')} "
-            f"{r['rss_peak_delta_mib']:13.0f} {f(r, 'max_abs_vs_monai', '12.1e')} "
-            f"{f(r, 'max_abs_vs_whole', '12.1e')}"
+            f"{r['name']:18s} {r['median_s']:7.2f} {r['median_cpu_s']:7.2f} {r['mp_per_s']:5.2f} "
+            f"{f(r, 'speed_vs_monai', '6.2f')} {f(r, 'speed_vs_whole', '7.2f', True)} "
+            f"{f(r, 'speed_vs_untiled', '9.2f', True)} {f(r, 'rss_peak_delta_mib', '8.0f')} "
+            f"{f(r, 'max_abs_vs_monai', '8.1e')} {f(r, 'max_abs_vs_whole', '8.1e')}"
         )
 
 
@@ -303,24 +326,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4, help="our batch_size = MONAI sw_batch_size")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="timed runs per contender (median)")
     ap.add_argument("--size", type=int, default=2048, help="side of the single-slice case")
     ap.add_argument("--stack", type=int, nargs=3, default=[16, 512, 512], metavar=("Z", "Y", "X"))
     ap.add_argument("--cases", nargs="+", default=["slice", "stack"], choices=["slice", "stack"])
     ap.add_argument("--contenders", nargs="+", help="subset of contenders to run")
-    ap.add_argument(
-        "--quick", action="store_true", help="1 warm-up, 1 repeat, 1024 slice, 4 slices"
-    )
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--quick", action="store_true", help="1 warm-up, 1 round, small sizes")
     ap.add_argument("--json", type=Path, help="also write the JSON line to this file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
-    ap.add_argument("--tmp", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         run_child(args)
         return
     if args.quick:
-        args.warmup, args.repeats, args.size, args.stack = 1, 1, 1024, [4, 512, 512]
+        args.warmup, args.rounds, args.size, args.stack = 1, 1, 1024, [4, 512, 512]
 
     import torch
 
@@ -329,15 +350,17 @@ def main(argv: list[str] | None = None) -> None:
     _, model_desc = load(args.model)
     d = PredictOptions()
     print(
-        f"torch {torch.__version__}, device {args.device}, threads {args.threads}, "
-        f"batch {args.batch}, model: {model_desc}\n"
+        f"torch {torch.__version__}, device {args.device}, {os.cpu_count()} CPUs, threads "
+        f"{args.threads}, batch {args.batch}, model: {model_desc}\n"
         f"defaults: tile {d.tile}, overlap {d.overlap}, blend {d.blend}, trim {d.effective_trim}; "
-        f"warm-up {args.warmup}, median of {args.repeats}"
+        f"warm-up {args.warmup}, median of {args.rounds} interleaved rounds",
+        flush=True,
     )
     report = {
         "benchmark": "inference",
         "torch": torch.__version__,
         "device": args.device,
+        "cpus": os.cpu_count(),
         "threads": args.threads,
         "batch": args.batch,
         "model": model_desc,
@@ -347,18 +370,19 @@ def main(argv: list[str] | None = None) -> None:
             "blend": d.blend,
             "trim": d.effective_trim,
         },
+        "load_average_start": os.getloadavg(),
         "cases": {},
     }
-    with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
-        for case in args.cases:
-            contenders = SLICE_CONTENDERS if case == "slice" else STACK_CONTENDERS
-            if args.contenders:
-                contenders = [c for c in contenders if c in args.contenders]
-            _, desc = make_data(case, args.size, tuple(args.stack))
-            results = run_case(args, case, contenders, tmp)
-            report["cases"][case] = {"data": desc, "results": results}
+    for case in args.cases:
+        contenders = SLICE_CONTENDERS if case == "slice" else STACK_CONTENDERS
+        if args.contenders:
+            contenders = [c for c in contenders if c in args.contenders]
+        desc, results = run_case(args, case, contenders)
+        report["cases"][case] = {"data": desc, "results": results}
+    report["load_average_end"] = os.getloadavg()
     for case, rep in report["cases"].items():
         print_table(case, rep["data"], rep["results"])
+    print(f"load average: start {report['load_average_start']}, end {report['load_average_end']}")
     line = json.dumps(report)
     print("\nJSON " + line)
     if args.json:

@@ -461,7 +461,7 @@ def test_cancel_fine_tune_at_every_stage(home):
         gen.close()
         assert tree(home) == before, k
     # the cancel flag, raised after every event but the last two, stops the job within one
-    # event with CancelledError and writes nothing either (the last two: see the xfail below)
+    # event with CancelledError and writes nothing either (the last two: see the test below)
     for k in range(1, len(kinds) - 1):
         _cancel_after(cfg, samples, base, reg, k)
         assert tree(home) == before, k
@@ -481,11 +481,6 @@ def _cancel_after(cfg, samples, base, reg, k: int) -> None:
     assert "nothing was saved" in exc.value.hint
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="training.py saves without checking `cancel` after its last yield "
-    "(patch in docs/reliability.md, 'Known gaps')",
-)
 @pytest.mark.parametrize("from_end", [1, 0])
 def test_cancel_after_the_last_events_saves_nothing(home, from_end):
     """The flag raised after the last validation image or the final epoch event."""

@@ -242,6 +242,7 @@ def test_output_dir_and_card_contents(tmp_path):
     assert "torch" in tr["software"]
     for k, v in result.model.state_dict().items():
         assert torch.equal(v, loaded.model.state_dict()[k])
+    assert "validation Dice" in result.summary() and str(tmp_path / "m") in result.summary()
     with pytest.raises(InputError, match="exists"):
         train(tiny(), samples, output_dir=tmp_path / "m")
     with pytest.raises(InputError, match="batch_size"):

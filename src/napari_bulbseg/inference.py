@@ -283,7 +283,11 @@ class _Engine:
             except Exception as e:
                 if not _is_oom(e):
                     raise
-                del e
+                p = None
+            if p is None:
+                # handled outside the except block, so the traceback's frames (and the
+                # activations they hold) are gone before the cache is emptied
+                del chunk
                 self._release()
                 if self.batch > 1:
                     self.batch = max(1, self.batch // 2)

@@ -20,13 +20,15 @@ import contextlib
 import json
 import os
 import re
-import tempfile
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import write_text_atomic
 from .errors import ModelError
 from .model import (
     CARD_NAME,
@@ -113,21 +115,6 @@ class VersionInfo:
     def val_dice(self) -> float | None:
         d = self.metrics.get("dice")
         return float(d) if isinstance(d, int | float) else None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class Registry:
@@ -228,6 +215,7 @@ class Registry:
         after the folder is complete.
         """
         self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temp()
         for _ in range(100):  # another process may take the same id: try the next one
             vid = self._next_id()
             if (self.root / vid).exists():
@@ -243,6 +231,14 @@ class Registry:
                 self.set_current(vid)
             return vid
         raise ModelError(f"Could not find a free version id in {self.root}", "try again")
+
+    def _remove_stale_temp(self, older_than_s: float = 3600.0) -> None:
+        """Remove temp folders of saves that were killed (never a complete version)."""
+        now = time.time()
+        for p in self.root.glob(".v*.tmp"):
+            with contextlib.suppress(OSError):
+                if p.is_dir() and now - p.stat().st_mtime > older_than_s:
+                    shutil.rmtree(p, ignore_errors=True)
 
     def load(self, version_id: str = "current", device: str | torch.device = "cpu") -> LoadedModel:
         """Load a version by id, ``"current"``, ``"bundled"`` or ``"bundled:<sha prefix>"``."""
@@ -260,6 +256,12 @@ class Registry:
         if vid != BUNDLED and not vid.startswith(BUNDLED) and not path.is_dir():
             raise ModelError(f"No model version {vid} in {self.root}", "list the versions")
         return load_model(path, device=device)
+
+    def load_version(
+        self, version_id: str = "current", device: str | torch.device = "cpu"
+    ) -> LoadedModel:
+        """Same as :meth:`load` (the name in the architecture table)."""
+        return self.load(version_id, device)
 
     # ------------------------------------------------------------------ current / rollback
 
@@ -289,7 +291,7 @@ class Registry:
                 raise ModelError(f"No model version {vid} in {self.root}", "list the versions")
             if info.broken:
                 raise ModelError(f"Model version {vid} is broken ({info.broken})", "pick another")
-        _atomic_write_text(self._pointer, json.dumps({"id": vid}) + "\n")
+        write_text_atomic(self._pointer, json.dumps({"id": vid}) + "\n")
 
     def rollback(self) -> str:
         """Make the current version's parent current (else the previous intact version, else

@@ -179,6 +179,14 @@ class TrainResult:
     def val_dice(self) -> float:
         return float(self.card.metrics["val"]["dice"])
 
+    def summary(self) -> str:
+        """One line for a terminal: where it went, validation Dice, threshold, why it stopped."""
+        where = self.version_id or (str(self.path) if self.path else "not saved")
+        return (
+            f"{self.card.name} → {where}: validation Dice {self.val_dice:.4f} at threshold "
+            f"{self.threshold:.2f} (best epoch {self.best_epoch}, {self.stop_reason})"
+        )
+
 
 # --------------------------------------------------------------------------- helpers
 
@@ -648,6 +656,10 @@ def _train(
         description=description,
     )
     model.to("cpu")
+    if _is_cancelled(cancel):  # stopped after the last event: still nothing is written
+        raise CancelledError(
+            "Training was stopped", "nothing was saved; the current model is unchanged"
+        )
     # ---- the only write, after the last yield: a new folder, atomically
     path: Path | None = None
     version_id: str | None = None
