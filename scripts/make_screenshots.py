@@ -1,13 +1,17 @@
 """Screenshots of the napari-bulbseg workflow for docs/user-guide.md.
 
 Opens a real napari viewer (use a real X server, e.g.
-``xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/make_screenshots.py``), loads the
-synthetic bulb sample, and runs Segment → Threshold → Review → Fine-tune exactly as a user would,
-saving ``viewer.screenshot(canvas_only=False)`` PNGs into ``docs/screenshots/``.
+``xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/make_screenshots.py``) and clicks
+through the widgets as a user would, saving ``viewer.screenshot(canvas_only=False)`` PNGs into
+``docs/screenshots/``:
 
-Without a bundled model it first trains a small starting model on a *different* synthetic
-stack (about a minute on a laptop CPU) so the predictions look like real ones; everything goes
-into a temporary NAPARI_BULBSEG_HOME, never into the user's data folder.
+1-3. the **bundled model** on the bundled BBBC039 nuclei sample: Segment, Threshold & objects,
+     Review against the ground truth (on the slice with the most errors);
+4-5. the synthetic bulb sample, segmented by a small bulb model trained first on a *different*
+     synthetic stack (about a minute on a laptop CPU; the bundled model knows nuclei, not
+     bulbs): corrections, then Fine-tune on the corrected slices.
+
+Everything goes into a temporary NAPARI_BULBSEG_HOME, never into the user's data folder.
 """
 
 from __future__ import annotations
@@ -59,10 +63,17 @@ def starting_model(steps: int) -> str:
 
 def shot(viewer, name: str) -> None:
     from napari._qt.dialogs.qt_notification import NapariQtNotification
-    from qtpy.QtWidgets import QApplication
+    from qtpy.QtWidgets import QAbstractSpinBox, QApplication, QLineEdit
 
     for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
         toast.close()  # transient pop-ups would hide part of the canvas
+    viewer.window._qt_window.resize(1500, 950)  # napari may restore a saved window size
+    focused = QApplication.focusWidget()
+    if focused is not None:
+        focused.clearFocus()
+    for box in viewer.window._qt_window.findChildren(QAbstractSpinBox):
+        for edit in box.findChildren(QLineEdit):
+            edit.deselect()  # no highlighted text in a spin box
     for _ in range(20):
         QApplication.processEvents()
     path = OUT / f"{name}.png"
@@ -72,24 +83,58 @@ def shot(viewer, name: str) -> None:
 
 def rev_metrics(rev, qapp) -> list:
     wait(qapp, lambda: rev.stack_result is not None and rev._stack_worker is None)
+    wait(qapp, lambda: not rev._stack_timer.isActive() and rev._stack_worker is None)
     return rev.stack_result.per_slice
 
 
-def show_only(docks: dict, name: str) -> None:
+def zoom_on(viewer, errors: np.ndarray, zoom: float = 2.0, block: int = 128) -> None:
+    """Centre the camera on the ``block``-px window with the most error pixels and zoom in."""
+    h, w = errors.shape
+    best, centre = -1, (h / 2, w / 2)
+    for y in range(0, max(1, h - block + 1), block // 4):
+        for x in range(0, max(1, w - block + 1), block // 4):
+            n = int(errors[y : y + block, x : x + block].sum())
+            if n > best:
+                best, centre = n, (y + block / 2, x + block / 2)
+    viewer.camera.center = (0.0, *centre)
+    viewer.camera.zoom = viewer.camera.zoom * zoom
+
+
+def make_viewer(docks_for: dict):
+    import napari
+
+    viewer = napari.Viewer(show=True, title="napari-bulbseg")
+    viewer.window._qt_window.resize(1500, 950)
+    widgets = {k: cls(viewer) for k, (cls, _) in docks_for.items()}
+    docks = {
+        k: viewer.window.add_dock_widget(w, name=docks_for[k][1], area="right")
+        for k, w in widgets.items()
+    }
+    return viewer, widgets, docks
+
+
+def show_only(docks: dict, name: str, viewer=None) -> None:
+    """Show one dock; with ``viewer``, fit the image to the canvas that is left."""
+    from qtpy.QtWidgets import QApplication
+
     for k, d in docks.items():
         d.setVisible(k == name)
+    if viewer is not None:
+        viewer.window._qt_window.resize(1500, 950)
+        for _ in range(20):
+            QApplication.processEvents()
+        viewer.reset_view()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=150, help="steps for the starting model")
+    ap.add_argument("--steps", type=int, default=150, help="steps for the bulb starting model")
     args = ap.parse_args()
     if os.environ.get("QT_QPA_PLATFORM") == "offscreen":
         os.environ.pop("QT_QPA_PLATFORM")
     os.environ["NAPARI_BULBSEG_HOME"] = tempfile.mkdtemp(prefix="bulbseg-shots-")
     OUT.mkdir(parents=True, exist_ok=True)
 
-    import napari
     from qtpy.QtWidgets import QApplication
 
     from napari_bulbseg._widgets import (
@@ -98,88 +143,108 @@ def main() -> int:
         SegmentWidget,
         ThresholdWidget,
     )
+    from napari_bulbseg._widgets._models import BUNDLED
     from napari_bulbseg._widgets._session import get_session
-    from napari_bulbseg.model import bundled_model_dir
+    from napari_bulbseg.postprocess import DIFF_FN, DIFF_FP
 
-    have_bundled = (bundled_model_dir() / "model.json").is_file()
-    version = None if have_bundled else starting_model(args.steps)
+    panels = {
+        "segment": (SegmentWidget, "Segment"),
+        "threshold": (ThresholdWidget, "Threshold & objects"),
+        "review": (ReviewWidget, "Review & correct"),
+        "finetune": (FinetuneWidget, "Fine-tune"),
+    }
 
-    viewer = napari.Viewer(show=True, title="napari-bulbseg")
-    viewer.window._qt_window.resize(1500, 950)
+    # ---------------------------------------------------------------- the bundled model on BBBC039
+    viewer, widgets, docks = make_viewer(panels)
     qapp = QApplication.instance()
-    viewer.open_sample("napari-bulbseg", "bulb_phantom")
-    gt = viewer.layers["bulb phantom ground truth"]
+    viewer.open_sample("napari-bulbseg", "bbbc039")
+    gt = viewer.layers["bbbc039 ground truth"]
     gt.visible = False
     s = get_session(viewer)
-    widgets = {
-        "segment": SegmentWidget(viewer),
-        "threshold": ThresholdWidget(viewer),
-        "review": ReviewWidget(viewer),
-        "finetune": FinetuneWidget(viewer),
-    }
-    titles = {
-        "segment": "Segment",
-        "threshold": "Threshold & objects",
-        "review": "Review & correct",
-        "finetune": "Fine-tune",
-    }
-    docks = {
-        k: viewer.window.add_dock_widget(w, name=titles[k], area="right")
-        for k, w in widgets.items()
-    }
-    viewer.dims.set_point(0, 5)
 
-    # 1. segment
+    # 1. segment with the bundled default model (the first choice on a fresh install)
     seg = widgets["segment"]
-    show_only(docks, "segment")
-    if version is not None:
-        seg.select_version(version)
+    show_only(docks, "segment", viewer)
+    assert seg.model.value.kind == BUNDLED, seg.model.value
     seg.run()
     wait(qapp, lambda: not seg.running)
     wait(qapp, lambda: not s.busy)
     shot(viewer, "01-segment")
 
-    # 2. threshold & objects, with the two-bulbs prior
+    # 2. threshold & objects: the model's threshold, fill holes, drop specks
     thr = widgets["threshold"]
-    show_only(docks, "threshold")
-    thr.expected.value = 2
+    show_only(docks, "threshold", viewer)
     thr.min_size.value = 30
     thr.fill.value = True
     wait(qapp, lambda: not s.busy)
+    s.pred_layer.contour = 2  # outlines: the threshold moves the nuclei's edges
+    s.pred_layer.opacity = 1.0
+    zoom_on(viewer, s.pred_layer.data[s.displayed()] > 0, zoom=2.0, block=256)
     thr._update_flags()
     shot(viewer, "02-threshold")
+    s.pred_layer.contour, s.pred_layer.opacity = 0, 0.45
 
-    # 3. review against the ground truth: XOR layer + metrics, on a slice with errors
+    # 3. review against the ground truth on the slice with the most errors, zoomed on them
     rev = widgets["review"]
-    show_only(docks, "review")
+    show_only(docks, "review", viewer)
     rev.reference.value = gt
     worst = int(np.argmax([m.pixel_error for m in rev_metrics(rev, qapp)]))
     viewer.dims.set_point(0, worst)
-    wait(qapp, lambda: rev.stack_result is not None and rev._stack_worker is None)
+    wait(qapp, lambda: not rev._slice_timer.isActive())
+    diff = viewer.layers["bbbc039 difference"].data[worst]
+    zoom_on(viewer, (diff == DIFF_FP) | (diff == DIFF_FN), zoom=2.0, block=200)
+    viewer.layers.selection.active = viewer.layers["bbbc039 difference"]
     shot(viewer, "03-review")
+    viewer.close()
 
-    # 4. corrections: start from the prediction, paint the truth into slices, mark reviewed
+    # ---------------------------------------------------------------- bulbs: correct, fine-tune
+    version = starting_model(args.steps)
+    viewer, widgets, docks = make_viewer(panels)
+    viewer.open_sample("napari-bulbseg", "bulb_phantom")
+    gt = viewer.layers["bulb phantom ground truth"]
+    gt.visible = False
+    s = get_session(viewer)
+    seg = widgets["segment"]
+    seg.select_version(version)
+    seg.run()
+    wait(qapp, lambda: not seg.running)
+    wait(qapp, lambda: not s.busy)
+
+    # 4. corrections: start from the prediction, paint the truth into every slice, mark reviewed
+    rev = widgets["review"]
+    show_only(docks, "review", viewer)
     corr = rev.start_corrections()
+    changed = [int((corr.data[z] != gt.data[z]).sum()) for z in range(gt.data.shape[0])]
     for z in range(gt.data.shape[0]):
         idx = np.nonzero(corr.data[z] != gt.data[z])
         corr.data_setitem((np.full(idx[0].shape, z), *idx), gt.data[z][idx])
         s.set_reviewed(z, True)
+    # show a slice with bulbs where the correction changed most
+    with_bulbs = [z for z in range(gt.data.shape[0]) if gt.data[z].any()]
+    z_show = max(with_bulbs, key=lambda z: changed[z])
+    viewer.dims.set_point(0, z_show)
     wait(qapp, lambda: rev.corrections.saver is not None and rev.corrections.saver.idle)
+    rev_metrics(rev, qapp)
     rev._sync_reviewed()
     shot(viewer, "04-corrections")
 
-    # 5. fine-tune a few steps on the reviewed slices
+    # 5. fine-tune on the reviewed slices, then re-predict
     ft = widgets["finetune"]
     show_only(docks, "finetune")
-    ft.epochs.value, ft.steps.value, ft.patch.value = 3, 8, 128
+    ft.epochs.value, ft.steps.value, ft.patch.value = 4, 10, 128
+    t0 = time.perf_counter()
     ft.start()
     wait(qapp, lambda: not ft.running)
+    print(f"fine-tune took {time.perf_counter() - t0:.0f} s:", ft.result_lbl.value)
     ft.repredict()
     wait(qapp, lambda: not seg.running)
     wait(qapp, lambda: not s.busy)
     corr.visible = False
-    viewer.dims.set_point(0, 5)
-    wait(qapp, lambda: rev._stack_worker is None)
+    rev.reference.value = gt
+    rev_metrics(rev, qapp)
+    viewer.dims.set_point(0, z_show)
+    wait(qapp, lambda: not rev._slice_timer.isActive() and rev._stack_worker is None)
+    print(rev.slice_lbl.value, "|", rev.summary_lbl.value)
     shot(viewer, "05-finetune")
     viewer.close()
     return 0

@@ -132,3 +132,65 @@ def test_cancel_prediction_and_finetune(
     qtbot.waitUntil(lambda: not ft.running, timeout=10000)
     assert ft.result is None and "cancelled" in ft.status.value
     assert [v.id for v in get_registry().list_versions(include_bundled=False)] == []
+
+
+def _finetune_round(viewer, qtbot, ft, s):
+    ft.epochs.value, ft.steps.value, ft.patch.value = 1, 2, 32
+    ft.start()
+    qtbot.waitUntil(lambda: not ft.running, timeout=60000)
+    assert ft.result is not None, ft.status.value
+    return ft.result.version_id
+
+
+@pytest.mark.slow
+def test_rollback_after_finetune(make_napari_viewer, qtbot, tmp_path, bulbseg_home):
+    """Bundled model → v001 → v002; Roll back twice: v001, then the bundled model again."""
+    from napari_bulbseg._widgets import FinetuneWidget, SegmentWidget
+    from napari_bulbseg._widgets._models import BUNDLED, VERSION, get_registry
+    from napari_bulbseg._widgets._session import get_session
+    from napari_bulbseg.model import bundled_model_dir
+
+    viewer = make_napari_viewer()
+    _, gt = _open_phantom(viewer, tmp_path)
+    seg = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(seg)
+    assert seg.model.value.kind == BUNDLED  # a fresh install starts from the bundled model
+    seg.tile.value, seg.overlap.value = 64, 8
+    s = get_session(viewer)
+    seg.run()
+    qtbot.waitUntil(lambda: not seg.running and s.done is not None and s.done.all(), timeout=30000)
+    assert s.model_version == "bundled"
+    corr = s.corrections.start()
+    idx = np.nonzero(gt.data != corr.data)
+    corr.data_setitem(idx, gt.data[idx])
+    for k in range(gt.data.shape[0]):
+        s.set_reviewed(k, True)
+
+    ft = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(ft)
+    reg = get_registry()
+    v1 = _finetune_round(viewer, qtbot, ft, s)
+    assert reg.info(v1).parent.startswith("bundled:")
+    v2 = _finetune_round(viewer, qtbot, ft, s)
+    assert reg.info(v2).parent == v1
+    assert reg.current() == v2 == s.model_version
+    assert (seg.model.value.kind, seg.model.value.version) == (VERSION, v2)
+
+    ft.rollback_btn.native.click()
+    assert reg.current() == v1 == s.model_version
+    assert (seg.model.value.kind, seg.model.value.version) == (VERSION, v1)
+    assert "(current)" in seg.model.value.label
+    assert s.loaded.path.resolve() == reg.path_of(v1).resolve()
+    assert v1 in ft.result_lbl.value
+
+    ft.rollback_btn.native.click()
+    assert reg.current() == "bundled" == s.model_version
+    assert seg.model.value.kind == BUNDLED and "(current)" in seg.model.value.label
+    assert s.loaded.path.resolve() == bundled_model_dir().resolve()
+    # nothing was deleted: both fine-tuned versions can still be picked
+    assert {c.version for c in seg.model.choices if c.kind == VERSION} == {v1, v2}
+
+    # re-predict runs with the rolled-back (bundled) model
+    ft.repredict()
+    qtbot.waitUntil(lambda: not seg.running and s.done.all(), timeout=30000)
+    assert seg.model.value.kind == BUNDLED and s.model_version == "bundled"

@@ -12,9 +12,12 @@ from qtpy.QtCore import QObject, QTimer
 def text_label(value: str = "", **kw: Any) -> Any:
     """A magicgui Label that wraps long text instead of widening the dock."""
     from magicgui.widgets import Label
+    from qtpy.QtWidgets import QSizePolicy
 
     label = Label(value=value, **kw)
     label.native.setWordWrap(True)
+    # take the full width of the dock: a wrapped QLabel otherwise picks a narrow "nice" width
+    label.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
     return label
 
 

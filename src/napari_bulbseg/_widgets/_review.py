@@ -12,6 +12,7 @@ from napari.utils.notifications import show_info, show_warning
 from qtpy.QtWidgets import QFileDialog
 
 from . import _text as T
+from ._compare import slice_report, stack_job, summary_slices, summary_text
 from ._jobs import start_job
 from ._layers import diff_colormap, upsert_labels
 from ._metrics_view import MetricsTable
@@ -19,15 +20,6 @@ from ._qt import Connections, single_shot, text_label
 from ._session import get_session
 
 _EVENTS = ("paint", "data", "set_data")
-
-
-def _stack_job(truth: np.ndarray, pred: np.ndarray, slices: list[int]) -> Any:
-    from ..metrics import stack_metrics
-    from ..postprocess import difference_map
-
-    diff = difference_map(truth, pred)
-    yield
-    return diff, (stack_metrics(truth, pred, slices=slices) if slices else None)
 
 
 class ReviewWidget(Container):
@@ -163,9 +155,6 @@ class ReviewWidget(Container):
 
     def update_current(self) -> None:
         """Difference map and metrics of the displayed slice, on the GUI thread."""
-        from ..metrics import slice_metrics
-        from ..postprocess import difference_map
-
         stacks = self._stacks()
         diff = self._diff_layer() if stacks else None
         if stacks is None or diff is None:
@@ -174,24 +163,17 @@ class ReviewWidget(Container):
         ref, pred = stacks
         s = self._session
         z = s.displayed()
-        truth = ref[z] > 0
-        d = difference_map(truth, pred[z])
+        d, m, self.slice_lbl.value = slice_report(ref[z], pred[z], z)
         target = diff.data if diff.ndim == 3 else diff.data[None]
         target[z] = d
         diff.refresh()
-        m = slice_metrics(truth, pred[z], index=z)
-        self.slice_lbl.value = T.LBL_SLICE.format(z=z, dice=m.dice, iou=m.iou, fp=m.fp, fn=m.fn)
         self.table.update_slice(m, z in s.reviewed)
 
     def summary_slices(self) -> list[int]:
         """Slices in the stack summary: predicted ones; only reviewed ones vs corrections."""
         s = self._session
-        if s.done is None:
-            return []
-        done = [int(z) for z in np.flatnonzero(s.done)]
-        if self._ref is not None and self._ref is s.corr_layer and s.reviewed:
-            return [z for z in done if z in s.reviewed]
-        return done
+        vs_corr = self._ref is not None and self._ref is s.corr_layer
+        return summary_slices(s.done, s.reviewed, vs_corr)
 
     def update_stack(self) -> None:
         """Whole-stack difference map and metrics, in a worker."""
@@ -203,7 +185,7 @@ class ReviewWidget(Container):
             return
         ref, pred = stacks
         self._stack_worker = start_job(
-            _stack_job((ref > 0).astype(np.uint8), pred.copy(), self.summary_slices()),
+            stack_job((ref > 0).astype(np.uint8), pred.copy(), self.summary_slices()),
             on_done=self._stack_done,
             on_finish=self._stack_finished,
         )
@@ -220,16 +202,7 @@ class ReviewWidget(Container):
             diff.refresh()
         self.stack_result = sm
         if sm is not None:
-            m = sm.summary
-            self.summary_lbl.value = T.LBL_SUMMARY.format(
-                n=len(sm.slices),
-                dice=m.dice,
-                iou=m.iou,
-                err=100 * m.pixel_error,
-                hits=m.hits,
-                misses=m.misses,
-                fps=m.false_positives,
-            )
+            self.summary_lbl.value = summary_text(sm)
             self.table.show_metrics(sm.per_slice, self._session.reviewed)
 
     def _stack_finished(self) -> None:

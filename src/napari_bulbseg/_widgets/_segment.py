@@ -134,10 +134,17 @@ class SegmentWidget(Container):
         self.image.reset_choices()
 
     def _refresh_models(self) -> None:
-        current = self.model.value
+        """The session's model changed (fine-tune, rollback): show it in the menu."""
+        version = self._session.model_version
+        if version is not None:
+            self.select_version(version)
+            return
+        current = self.model.value  # a folder model: keep that choice
         self.model.reset_choices()
-        if current is not None and current in self.model.choices:
-            self.model.value = current
+        for c in self.model.choices:
+            if current is not None and (c.kind, c.version) == (current.kind, current.version):
+                self.model.value = c
+                return
 
     def _on_model_choice(self, _v: Any = None) -> None:
         choice = self.model.value
