@@ -47,8 +47,9 @@ DATA = ROOT.parent / "shared" / "data" / "bbbc039"
 # name -> PredictOptions overrides (tile/overlap/blend/trim); "default" = PredictOptions()
 VARIANTS: dict[str, dict] = {
     "ours:default": {},
+    "ours:t1024-o96": {"tile": 1024, "overlap": 96},
     "ours:t512-o96": {"tile": 512, "overlap": 96},
-    "ours:t1024-o64": {"tile": 1024, "overlap": 64},
+    "ours:t1280-o64": {"tile": 1280, "overlap": 64},
     "ours:t512-o32-cos": {"tile": 512, "overlap": 32, "blend": "cosine", "trim": 0},
     "ours:t512-o128-gau": {"tile": 512, "overlap": 128, "blend": "gaussian", "trim": 0},
     "ours:untiled": {"tile": 4096, "overlap": 0},
