@@ -23,8 +23,8 @@ keep the best validated weights, sweep the threshold on the validation split); t
 is the ``TrainResult`` itself. The reference uses 0.5. Both are also reported at their
 Dice-optimal threshold *on the held-out images* — an optimistic, secondary figure.
 
-    python benchmarks/bench_finetune.py                    # 120 s each, writes docs/finetune_curve.png
-    python benchmarks/bench_finetune.py --quick            # a short smoke run (plot to a temp folder)
+    python benchmarks/bench_finetune.py             # 120 s each; writes docs/finetune_curve.png
+    python benchmarks/bench_finetune.py --quick     # a short smoke run (plot to a temp folder)
     python benchmarks/bench_finetune.py --budget 60 --seed 1 --data /path/to/data
 """
 
@@ -60,6 +60,7 @@ class Point:
     dice: float  # pooled held-out Dice at that threshold
     best_threshold: float  # Dice-optimal threshold on the held-out images (optimistic)
     best_dice: float
+    dice05: float = float("nan")  # pooled held-out Dice at 0.5
     note: str = ""
 
 
@@ -97,17 +98,21 @@ def predict_probs(
 
 def score(
     probs: Sequence[np.ndarray], masks: Sequence[np.ndarray], threshold: float
-) -> tuple[float, float, float]:
-    """``(pooled Dice at threshold, Dice-optimal threshold, its Dice)`` over all held-out pixels."""
+) -> tuple[float, float, float, float]:
+    """``(pooled Dice at threshold, Dice-optimal threshold, its Dice, Dice at 0.5)`` over all
+    held-out pixels."""
     from napari_bulbseg.training import DEFAULT_THRESHOLDS, best_threshold, threshold_sweep
 
-    ((_, dice),) = threshold_sweep(probs, masks, [threshold])
-    t_best, d_best = best_threshold(threshold_sweep(probs, masks, DEFAULT_THRESHOLDS))
-    return dice, t_best, d_best
+    curve = threshold_sweep(probs, masks, sorted({*DEFAULT_THRESHOLDS, threshold, 0.5}))
+    dice = next(d for t, d in curve if t == threshold)
+    d05 = next(d for t, d in curve if t == 0.5)
+    t_best, d_best = best_threshold([td for td in curve if td[0] in DEFAULT_THRESHOLDS])
+    return dice, t_best, d_best, d05
 
 
-def eval_model(model: Any, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
-               threshold: float) -> tuple[float, float, float]:  # fmt: skip
+def eval_model(
+    model: Any, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], threshold: float
+) -> tuple[float, float, float, float]:
     model = model.eval()
     return score(predict_probs(model, images), masks, threshold)
 
@@ -144,8 +149,9 @@ def engine_stop_now(frame: dict[str, Any]) -> tuple[Any, float, str]:
     return model.eval(), thr, note
 
 
-def run_ours(args: argparse.Namespace, base: Any, train_s: list, held: list,
-             checkpoints: list[float]) -> tuple[Run, Any]:  # fmt: skip
+def run_ours(
+    args: argparse.Namespace, base: Any, train_s: list, held: list, checkpoints: list[float]
+) -> tuple[Run, Any]:
     from napari_bulbseg.data import prepare_sample
     from napari_bulbseg.training import TrainConfig, iter_train
 
@@ -190,10 +196,13 @@ def run_ours(args: argparse.Namespace, base: Any, train_s: list, held: list,
         if key not in prepared:
             prepared[key] = [prepare_sample(s, key[0], frame["norm"], key[1]).image for s in held]
         model, thr, note = engine_stop_now(frame)
-        d, tb, db = eval_model(model, prepared[key], masks, thr)
-        run.points.append(Point(clock, step, thr, d, tb, db, note))
-        print(f"  ours  {clock:6.1f} s  step {step:4d}  held-out Dice {d:.4f} @ {thr:.2f} "
-              f"({note}); optimal {db:.4f} @ {tb:.2f}", flush=True)  # fmt: skip
+        d, tb, db, d05 = eval_model(model, prepared[key], masks, thr)
+        run.points.append(Point(clock, step, thr, d, tb, db, d05, note))
+        print(
+            f"  ours  {clock:6.1f} s  step {step:4d}  held-out Dice {d:.4f} @ {thr:.2f} "
+            f"({note}); at 0.5 {d05:.4f}; optimal {db:.4f} @ {tb:.2f}",
+            flush=True,
+        )
         dt = time.perf_counter() - te
         excluded += dt
         run.eval_s += dt
@@ -207,13 +216,15 @@ def run_ours(args: argparse.Namespace, base: Any, train_s: list, held: list,
     key = (in_c, prep)
     if key not in prepared:
         prepared[key] = [prepare_sample(s, in_c, card.norm, prep).image for s in held]
-    d, tb, db = eval_model(result.model, prepared[key], masks, result.threshold)
+    d, tb, db, d05 = eval_model(result.model, prepared[key], masks, result.threshold)
     note = f"TrainResult ({result.stop_reason}, best epoch {result.best_epoch})"
-    run.points.append(
-        Point(clock, int(card.training["steps_run"]), result.threshold, d, tb, db, note)
+    steps = int(card.training["steps_run"])
+    run.points.append(Point(clock, steps, result.threshold, d, tb, db, d05, note))
+    print(
+        f"  ours  {clock:6.1f} s  step {card.training['steps_run']:4d}  held-out Dice {d:.4f} @ "
+        f"{result.threshold:.2f} ({note}); at 0.5 {d05:.4f}; optimal {db:.4f} @ {tb:.2f}",
+        flush=True,
     )
-    print(f"  ours  {clock:6.1f} s  step {card.training['steps_run']:4d}  held-out Dice {d:.4f} @ "
-          f"{result.threshold:.2f} ({note}); optimal {db:.4f} @ {tb:.2f}", flush=True)  # fmt: skip
     run.eval_s += time.perf_counter() - te
     split = card.training["samples"]
     run.info = {
@@ -228,6 +239,7 @@ def run_ours(args: argparse.Namespace, base: Any, train_s: list, held: list,
         "steps_run": card.training["steps_run"],
         "channel_policy": card.channel_policy,
         "freeze_bn": card.training["freeze_bn"],
+        "val_threshold_curve": [[t, round(d, 4)] for t, d in card.threshold_curve],
     }
     run.info["config"]["time_budget_s"] = args.budget
     return run, result
@@ -236,8 +248,9 @@ def run_ours(args: argparse.Namespace, base: Any, train_s: list, held: list,
 # --------------------------------------------------------------------------- MONAI reference
 
 
-def run_monai(args: argparse.Namespace, norm: Any, train_s: list, held: list,
-              checkpoints: list[float]) -> Run:  # fmt: skip
+def run_monai(
+    args: argparse.Namespace, norm: Any, train_s: list, held: list, checkpoints: list[float]
+) -> Run:
     import torch
     from monai.losses import DiceFocalLoss
     from monai.networks.nets import BasicUNet
@@ -261,11 +274,14 @@ def run_monai(args: argparse.Namespace, norm: Any, train_s: list, held: list,
 
     def checkpoint(step: int) -> None:
         te = time.perf_counter()
-        d, tb, db = eval_model(net, held_x, masks, 0.5)
+        d, tb, db, d05 = eval_model(net, held_x, masks, 0.5)
         net.train()
-        run.points.append(Point(clock, step, 0.5, d, tb, db))
-        print(f"  monai {clock:6.1f} s  step {step:4d}  held-out Dice {d:.4f} @ 0.50; "
-              f"optimal {db:.4f} @ {tb:.2f}", flush=True)  # fmt: skip
+        run.points.append(Point(clock, step, 0.5, d, tb, db, d05))
+        print(
+            f"  monai {clock:6.1f} s  step {step:4d}  held-out Dice {d:.4f} @ 0.50; "
+            f"optimal {db:.4f} @ {tb:.2f}",
+            flush=True,
+        )
         run.eval_s += time.perf_counter() - te
 
     step = 0
@@ -317,10 +333,21 @@ def plot(path: Path, ours: Run, monai: Run, before: dict[str, float], budget: fl
     ):
         t = [p.t for p in run.points]
         ax.plot(t, [p.dice for p in run.points], "o-", color=colour, label=label)
-        ax.plot(t, [p.best_dice for p in run.points], ":", color=colour, alpha=0.7,
-                label="  same, held-out-optimal threshold (optimistic)")  # fmt: skip
-    ax.plot([0], [before["dice"]], "s", color="grey",
-            label=f"default model before fine-tuning ({before['dice']:.2f})")  # fmt: skip
+        ax.plot(
+            t,
+            [p.best_dice for p in run.points],
+            ":",
+            color=colour,
+            alpha=0.7,
+            label="  same, held-out-optimal threshold (optimistic)",
+        )
+    ax.plot(
+        [0],
+        [before["dice"]],
+        "s",
+        color="grey",
+        label=f"default model before fine-tuning ({before['dice']:.2f})",
+    )
     ax.axhline(TARGET_DICE, color="green", lw=1, ls="--", label=f"target {TARGET_DICE}")
     ax.axvline(budget, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("training wall-clock seconds, 2 CPU threads (evaluation excluded)")
@@ -366,8 +393,15 @@ def main(argv: list[str] | None = None) -> int:
     from napari_bulbseg.training import TrainConfig, evaluate_model
 
     defaults = TrainConfig()
-    for name in ("epochs", "steps_per_epoch", "batch_size", "patch_size", "lr", "loss",
-                 "channel_mode"):  # fmt: skip
+    for name in (
+        "epochs",
+        "steps_per_epoch",
+        "batch_size",
+        "patch_size",
+        "lr",
+        "loss",
+        "channel_mode",
+    ):
         if getattr(args, name) is None:
             setattr(args, name, getattr(defaults, name))
     args.freeze_bn = {None: defaults.freeze_bn, "auto": "auto", "true": True, "false": False}[
@@ -402,40 +436,59 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = [args.every * k for k in range(1, int(args.budget / args.every) + 1)]
     checkpoints = [t for t in checkpoints if t < args.budget - 1e-9]
 
-    print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{args.threads} threads; load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")  # fmt: skip
-    print(f"base model: {base.card.name} ({base.path.name if base.path else '?'}), "
-          f"{base.card.in_channels} channel(s), threshold {base.card.threshold}")  # fmt: skip
-    print(f"fine-tuning images (seed {args.seed}, {len(train_s)} of {len(samples)}): "
-          + " ".join(s.source[:12] for s in train_s))  # fmt: skip
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{args.threads} threads; load average " + " ".join(f"{v:.2f}" for v in load0)
+    )
+    print(
+        f"base model: {base.card.name} ({base.path.name if base.path else '?'}), "
+        f"{base.card.in_channels} channel(s), threshold {base.card.threshold}"
+    )
+    print(
+        f"fine-tuning images (seed {args.seed}, {len(train_s)} of {len(samples)}): "
+        + " ".join(s.source[:12] for s in train_s)
+    )
     print(f"held-out: {len(held)} images")
 
     # before: the default model as a user would run it on colour images (luminance), card threshold
     before_m = evaluate_model(base, held, policy="luminance")
-    before = {"dice": before_m["dice"], "threshold": before_m["threshold"],
-              "n_images": len(held), "n_train": len(train_s)}  # fmt: skip
-    print(f"before fine-tuning: held-out Dice {before['dice']:.4f} @ {before['threshold']:.2f} "
-          "(RGB → luminance, the card's threshold)")  # fmt: skip
+    before = {
+        "dice": before_m["dice"],
+        "threshold": before_m["threshold"],
+        "n_images": len(held),
+        "n_train": len(train_s),
+    }
+    print(
+        f"before fine-tuning: held-out Dice {before['dice']:.4f} @ {before['threshold']:.2f} "
+        "(RGB → luminance, the card's threshold)"
+    )
 
     print(f"our recipe: {args.budget:.0f} s")
     ours, result = run_ours(args, base, train_s, held, checkpoints)
     train_keys = set(result.card.training["samples"]["train"])
     val_names = [s.source[:12] for s in train_s if s.key not in train_keys]
-    print(f"  engine split: {ours.info['n_train_split']} train / {ours.info['n_val_split']} "
-          f"validation ({' '.join(val_names)}); stop: {ours.info['stop_reason']}, "
-          f"{ours.info['epochs_run']} epochs, {ours.info['steps_run']} steps")  # fmt: skip
+    print(
+        f"  engine split: {ours.info['n_train_split']} train / {ours.info['n_val_split']} "
+        f"validation ({' '.join(val_names)}); stop: {ours.info['stop_reason']}, "
+        f"{ours.info['epochs_run']} epochs, {ours.info['steps_run']} steps"
+    )
     monai = Run("monai")
     if not args.skip_monai:
-        print(f"MONAI reference: {args.budget:.0f} s on the engine's {len(train_keys)} training "
-              "images, same patches")  # fmt: skip
-        monai = run_monai(args, base.card.norm, [s for s in train_s if s.key in train_keys],
-                          held, checkpoints)  # fmt: skip
+        print(
+            f"MONAI reference: {args.budget:.0f} s on the engine's {len(train_keys)} training "
+            "images, same patches"
+        )
+        monai = run_monai(
+            args, base.card.norm, [s for s in train_s if s.key in train_keys], held, checkpoints
+        )
     load1 = os.getloadavg()
 
     # ---- table
     print()
-    print(f"{'seconds':>8} | {'ours t':>7} {'Dice':>6} {'thr':>5} | {'MONAI t':>7} {'Dice':>6} | "
-          f"{'ratio':>5} | optimal-threshold Dice ours / MONAI (optimistic)")  # fmt: skip
+    print(
+        f"{'seconds':>8} | {'ours t':>7} {'Dice':>6} {'thr':>5} | {'MONAI t':>7} {'Dice':>6} | "
+        f"{'ratio':>5} | optimal-threshold Dice ours / MONAI (optimistic)"
+    )
     rows = []
     for t in [*checkpoints, args.budget]:
         o, m = at_time(ours, t), at_time(monai, t)
@@ -443,8 +496,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((t, o, m, ratio))
         ms = f"{m.t:7.1f} {m.dice:6.4f}" if m else f"{'-':>7} {'-':>6}"
         mb = f"{m.best_dice:.4f}" if m else "-"
-        print(f"{t:8.0f} | {o.t:7.1f} {o.dice:6.4f} {o.threshold:5.2f} | {ms} | {ratio:5.2f} | "
-              f"{o.best_dice:.4f} @ {o.best_threshold:.2f} / {mb}")  # fmt: skip
+        print(
+            f"{t:8.0f} | {o.t:7.1f} {o.dice:6.4f} {o.threshold:5.2f} | {ms} | {ratio:5.2f} | "
+            f"{o.best_dice:.4f} @ {o.best_threshold:.2f} / {mb}"
+        )
     final_o, final_m = ours.points[-1], (monai.points[-1] if monai.points else None)
     first_hit = next((p.t for p in ours.points if p.dice >= TARGET_DICE), None)
     print(
@@ -452,19 +507,32 @@ def main(argv: list[str] | None = None) -> int:
         + (f"≥ {TARGET_DICE} first at {first_hit:.1f} s" if first_hit else f"< {TARGET_DICE}")
     )
     if final_m:
-        print(f"MONAI: {final_m.dice:.4f} after {final_m.t:.1f} s; ratio ours/MONAI at "
-              f"{args.budget:.0f} s = {final_o.dice / max(final_m.dice, 1e-12):.2f}")  # fmt: skip
-    print(f"held-out evaluation time excluded: ours {ours.eval_s:.0f} s, MONAI {monai.eval_s:.0f} s; "
-          f"load average {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")  # fmt: skip
+        print(
+            f"MONAI: {final_m.dice:.4f} after {final_m.t:.1f} s; ratio ours/MONAI at "
+            f"{args.budget:.0f} s = {final_o.dice / max(final_m.dice, 1e-12):.2f}"
+        )
+    print(
+        f"held-out evaluation time excluded: ours {ours.eval_s:.0f} s, "
+        f"MONAI {monai.eval_s:.0f} s; load average " + " ".join(f"{v:.2f}" for v in load1)
+    )
 
     plot(plot_path, ours, monai, before, args.budget)
     print(f"plot: {plot_path}")
 
     def pts(run: Run) -> list[dict[str, Any]]:
-        return [{"t": round(p.t, 1), "steps": p.steps, "threshold": p.threshold,
-                 "dice": round(p.dice, 4), "opt_threshold": p.best_threshold,
-                 "opt_dice": round(p.best_dice, 4), **({"note": p.note} if p.note else {})}
-                for p in run.points]  # fmt: skip
+        return [
+            {
+                "t": round(p.t, 1),
+                "steps": p.steps,
+                "threshold": p.threshold,
+                "dice": round(p.dice, 4),
+                "dice_at_0.5": round(p.dice05, 4),
+                "opt_threshold": p.best_threshold,
+                "opt_dice": round(p.best_dice, 4),
+                **({"note": p.note} if p.note else {}),
+            }
+            for p in run.points
+        ]
 
     out = {
         "bench": "finetune",
@@ -485,14 +553,14 @@ def main(argv: list[str] | None = None) -> int:
             **ours.info,
             "eval_s_excluded": round(ours.eval_s, 1),
             "points": pts(ours),
-        },  # fmt: skip
+        },
         "monai": {
             "final_dice": round(final_m.dice, 4) if final_m else None,
             "t": round(final_m.t, 1) if final_m else None,
             **monai.info,
             "eval_s_excluded": round(monai.eval_s, 1),
             "points": pts(monai),
-        },  # fmt: skip
+        },
         "ratio_at_budget": round(final_o.dice / final_m.dice, 3)
         if final_m and final_m.dice
         else None,

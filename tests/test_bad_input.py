@@ -252,11 +252,6 @@ def test_three_fluorescence_channels_are_not_colour():
     assert prepare_image(img, 1, Normalization()).shape == (1, 16, 16)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="inference.py does not pass Stack.rgb to prepare_image/convert_channels yet "
-    "(patch in docs/reliability.md, 'Known gaps')",
-)
 def test_cli_three_fluorescence_channels_on_grey_model(tmp_path, capsys, tiny_model_dir):
     _needs_inference()
     p = tmp_path / "three.tif"

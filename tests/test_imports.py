@@ -20,6 +20,8 @@ ENGINE = [
     "napari_bulbseg.training",
     "napari_bulbseg.registry",
     "napari_bulbseg.overview",
+    "napari_bulbseg.devices",
+    "napari_bulbseg.atomic",
     "napari_bulbseg.cli",
 ]
 

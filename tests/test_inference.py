@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_bulbseg import inference
+from napari_bulbseg import devices, inference
 from napari_bulbseg.errors import InputError, ModelError
 from napari_bulbseg.events import Progress, drain
 from napari_bulbseg.inference import (
@@ -406,7 +406,7 @@ def test_select_device(monkeypatch):
     assert select_device("cpu") == torch.device("cpu")
     assert select_device(torch.device("cpu")) == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(inference, "_mps_available", lambda: False)
+    monkeypatch.setattr(devices, "_mps_available", lambda: False)
     assert select_device("auto") == torch.device("cpu")
     with pytest.raises(InputError, match="CUDA was requested") as err:
         select_device("cuda")
@@ -415,7 +415,7 @@ def test_select_device(monkeypatch):
         select_device("mps")
     with pytest.raises(InputError, match="Unknown device"):
         select_device("tpu")
-    monkeypatch.setattr(inference, "_mps_available", lambda: True)
+    monkeypatch.setattr(devices, "_mps_available", lambda: True)
     assert select_device("auto") == torch.device("mps")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

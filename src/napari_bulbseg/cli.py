@@ -125,31 +125,9 @@ _VERSION_SPEC = re.compile(r"^(v\d{3,}|current|bundled(:[0-9a-f]*)?)$")
 
 
 def _select_device(device: str) -> Any:
-    """``torch.device`` for ``--device``, refusing a GPU that is not there (clear message)."""
-    import torch
+    from .devices import select_device
 
-    name = str(device).strip().lower()
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(
-            f"--device {device}: no CUDA GPU is available to this PyTorch",
-            "use --device auto (GPU when there is one, else CPU) or --device cpu",
-        )
-    if name == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise InputError(
-                "--device mps: Apple's Metal GPU is not available here",
-                "use --device auto or --device cpu",
-            )
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise InputError(f"Unknown device {device!r}", "use auto, cpu, cuda or mps") from e
+    return select_device(device)
 
 
 def _load_model(spec: str, device: str) -> Any:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import select_device
 from .errors import InputError, ModelError
 from .events import Progress, drain
 from .model import LoadedModel
@@ -115,62 +116,6 @@ class PredictOptions:
 
 
 # --------------------------------------------------------------------------- devices
-
-
-def _mps_available() -> bool:
-    mps = getattr(torch.backends, "mps", None)
-    return bool(mps is not None and mps.is_available())
-
-
-def select_device(pref: str | torch.device = "auto") -> torch.device:
-    """The torch device to predict on: ``"auto"`` picks CUDA, then Apple MPS, then the CPU."""
-    if isinstance(pref, torch.device):
-        pref = str(pref)
-    if not isinstance(pref, str):
-        raise InputError(f"Invalid device {pref!r}", "use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    name = pref.strip().lower()
-    if name in ("", "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if _mps_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "gpu":
-        name = "cuda"
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            build = torch.__version__
-            why = (
-                "this PyTorch build has no CUDA support"
-                if torch.version.cuda is None
-                else "no CUDA GPU is visible (driver missing, or CUDA_VISIBLE_DEVICES hides it)"
-            )
-            raise InputError(
-                f"CUDA was requested but is not available: {why} (torch {build})",
-                "install a CUDA build of PyTorch (https://pytorch.org/get-started/locally/), "
-                "or use device 'auto' or 'cpu'",
-            )
-        try:
-            dev = torch.device(name)
-        except RuntimeError as e:
-            raise InputError(f"Invalid CUDA device {pref!r}", "use 'cuda' or 'cuda:N'") from e
-        n = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= n:
-            raise InputError(
-                f"CUDA device {dev.index} does not exist ({n} visible)",
-                f"use cuda:0 … cuda:{n - 1}",
-            )
-        return dev
-    if name == "mps":
-        if not _mps_available():
-            raise InputError(
-                "Apple MPS was requested but is not available",
-                "it needs an Apple-silicon Mac and a recent PyTorch; use 'auto' or 'cpu'",
-            )
-        return torch.device("mps")
-    raise InputError(f"Unknown device {pref!r}", "use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -411,6 +356,8 @@ class _Source:
     shape: tuple[int, int]
     channels: int | None  # None: 2D planes
     plane: Callable[[int], np.ndarray]
+    #: True/False when the stack says whether its channels are colour (io.Stack.rgb); None: guess
+    rgb: bool | None = None
 
 
 def _as_source(stack: Any) -> _Source:
@@ -430,7 +377,7 @@ def _as_source(stack: Any) -> _Source:
                 "expected (Z, Y, X) or (Z, Y, X, C); re-open the file",
             )
         _check_shape(shape)
-        return _Source(shape[0], (shape[1], shape[2]), channels, stack.plane)
+        return _Source(shape[0], (shape[1], shape[2]), channels, stack.plane, rgb=rgb)
     # numpy, memmap, zarr, dask…: index plane by plane, never load the whole stack here
     arr = stack if hasattr(stack, "shape") and hasattr(stack, "ndim") else np.asarray(stack)
     shape = tuple(int(s) for s in arr.shape)
@@ -454,10 +401,11 @@ def _check_shape(shape: tuple[int, ...]) -> None:
         raise InputError(f"The image is empty (shape {shape})", "load an image with pixels in it")
 
 
-def _check_channels(loaded: LoadedModel, channels: int | None) -> None:
+def _check_channels(loaded: LoadedModel, source: _Source) -> None:
     card = loaded.card
+    channels = source.channels
     probe = np.zeros((1, 1) if channels is None else (1, 1, channels), dtype=np.float32)
-    convert_channels(probe, card.in_channels, card.channel_policy)  # raises ModelError
+    convert_channels(probe, card.in_channels, card.channel_policy, source.rgb)  # ModelError
 
 
 def _check_loaded(loaded: Any) -> None:
@@ -520,7 +468,9 @@ def _run(
     n_done_slices = 0
 
     def open_job(z: int) -> _SliceJob:
-        x = prepare_image(source.plane(z), card.in_channels, card.norm, card.channel_policy)
+        x = prepare_image(
+            source.plane(z), card.in_channels, card.norm, card.channel_policy, rgb=source.rgb
+        )
         if x.shape[1:] != (h, w):
             raise InputError(
                 f"Slice {z} has shape {x.shape[1:]}, unlike the stack's {(h, w)}",
@@ -587,7 +537,7 @@ def iter_predict_slice(
             "use iter_predict for stacks",
         )
     source = _as_source(img[None])
-    _check_channels(loaded, source.channels)
+    _check_channels(loaded, source)
     engine = _Engine(loaded, options, source.shape)
     return _slice_job(engine, source, loaded)
 
@@ -624,7 +574,7 @@ def iter_predict(
         )
     _check_loaded(loaded)
     source = _as_source(stack)
-    _check_channels(loaded, source.channels)
+    _check_channels(loaded, source)
     indices = _slice_indices(source.n, slices)
     shape = (source.n, *source.shape)
     if out is None:

@@ -43,6 +43,7 @@ from .data import (
     prepare_sample,
     split_train_val,
 )
+from .devices import select_device
 from .errors import CancelledError, InputError, ModelError, TrainingError
 from .events import TrainProgress, drain
 from .losses import LOSS_NAMES, make_loss
@@ -189,20 +190,6 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def select_device(pref: str = "cpu") -> torch.device:
-    """``"auto"``: CUDA, then MPS, then CPU; anything else is passed to ``torch.device``."""
-    if pref == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(pref)
-    except RuntimeError as e:
-        raise InputError(f"Unknown device {pref!r}", "use 'auto', 'cpu', 'cuda' or 'mps'") from e
 
 
 def pooled_counts(prob: np.ndarray, mask: np.ndarray, threshold: float) -> tuple[int, int, int]:
