@@ -138,7 +138,7 @@ def test_early_stopping_and_time_budget():
     samples = discs(4, seed=3)
     # a learning rate too small to change anything (BN statistics frozen too): no improvement
     config = tiny(epochs=10, steps_per_epoch=1, lr=1e-12, freeze_bn=True, early_stopping_patience=2)
-    result = train(config, samples)
+    result = train(config, samples, val_samples=discs(3, seed=9))  # enough to pick an epoch
     assert result.stop_reason == "early_stopping"
     assert len(result.history) == 3 and result.best_epoch == 1
     result = train(tiny(epochs=5, steps_per_epoch=50, time_budget_s=1e-3), samples)
@@ -278,3 +278,21 @@ def test_fine_tuning_freezes_batchnorm_statistics_by_default():
     free = train(tiny(freeze_bn=False), discs(4, seed=13), base=base)
     assert any(not torch.equal(free.model.state_dict()[k], v) for k, v in before.items())
     assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())  # base untouched
+
+
+def test_tiny_validation_keeps_last_weights_and_threshold_half(monkeypatch):
+    """With 1–2 validation images the best-epoch choice and the threshold sweep are noise."""
+    import napari_bulbseg.training as tr
+
+    samples = discs(6, seed=3)
+    val = discs(2, seed=4)
+    # a sweep that would pick 0.25 if it were trusted
+    monkeypatch.setattr(tr, "best_threshold", lambda curve: (0.25, 0.99))
+    result = train(tiny(epochs=3), samples, val_samples=val)
+    assert result.card.threshold == 0.5
+    assert "last epoch" in result.card.metrics["val"]["selection"]
+    assert result.best_epoch == 3  # the last epoch's weights, whatever their validation Dice
+    # with enough validation images the sweep is trusted again
+    result = train(tiny(epochs=1), samples, val_samples=discs(3, seed=5))
+    assert result.card.threshold == 0.25
+    assert "best epoch" in result.card.metrics["val"]["selection"]

@@ -59,6 +59,9 @@ OPTIMIZERS = ("adam", "adamw")
 CHANNEL_MODES = ("adapt", "convert")
 #: thresholds swept on the validation set
 DEFAULT_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+#: with fewer validation images than this, the best-epoch choice and the threshold sweep are
+#: noise (measured in docs/benchmarks.md, fine-tuning): keep the last weights and threshold 0.5
+MIN_VAL_IMAGES_FOR_SELECTION = 3
 
 
 @dataclass
@@ -454,7 +457,8 @@ def _train(
     total = config.epochs * config.steps_per_epoch
     step = 0
     history: list[dict[str, Any]] = []
-    best_dice, best_epoch, best_state = -1.0, 0, None
+    best_dice, best_epoch, best_state, kept_dice = -1.0, 0, None, -1.0
+    few_val = len(val_p) < MIN_VAL_IMAGES_FOR_SELECTION
     best_probs: list[np.ndarray] = []
     best_val_loss = math.nan
     bad_epochs = 0
@@ -552,12 +556,16 @@ def _train(
                 "elapsed_s": round(time.perf_counter() - t0, 2),
             }
         )
-        if val_dice > best_dice + 1e-4 or best_state is None:
-            best_dice, best_epoch, bad_epochs = val_dice, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            best_probs, best_val_loss = probs, val_loss
+        improved = val_dice > best_dice + 1e-4 or best_state is None
+        if improved:
+            best_dice, bad_epochs = val_dice, 0
         else:
             bad_epochs += 1
+        # with 1-2 validation images "best epoch" is noise: keep the latest weights instead
+        if improved or few_val:
+            best_epoch, kept_dice = epoch, val_dice
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_probs, best_val_loss = probs, val_loss
         sched.step(val_dice)
         yield TrainProgress(
             epoch=epoch,
@@ -584,10 +592,12 @@ def _train(
         raise TrainingError("No validation pass completed; no model was saved", "")
     model.load_state_dict(best_state)
     model.eval()
-    probs, val_loss, dice05 = best_probs, best_val_loss, best_dice
+    probs, val_loss, dice05 = best_probs, best_val_loss, kept_dice
     masks = [p.mask for p in val_p]
     curve = threshold_sweep(probs, masks, config.thresholds)
     thr, dice_t = best_threshold(curve)
+    if few_val:  # a sweep over 1-2 images is noise: keep 0.5 (the curve is still stored)
+        thr, dice_t = 0.5, dice05
     tp = fp = fn = n = 0
     for p, m in zip(probs, masks, strict=True):
         a, b, c = pooled_counts(p, m, thr)
@@ -604,8 +614,14 @@ def _train(
         "n_images": len(val_p),
         "n_pixels": int(n),
         "pooled": True,
+        "selection": (
+            f"last epoch and threshold 0.5 (fewer than {MIN_VAL_IMAGES_FOR_SELECTION} "
+            "validation images)"
+            if few_val
+            else "best epoch by validation Dice; threshold swept on validation"
+        ),
     }
-    if not all(math.isfinite(float(v)) for v in val_metrics.values()):
+    if not all(math.isfinite(float(v)) for v in val_metrics.values() if not isinstance(v, str)):
         raise TrainingError("Validation metrics are not finite; no model was saved", "")
 
     card = ModelCard(
