@@ -123,9 +123,10 @@ def eval_model(
 def engine_stop_now(frame: dict[str, Any]) -> tuple[Any, float, str]:
     """What ``iter_train`` would return if its time budget ran out now, from its live state.
 
-    Mirrors the end of ``training._train``: validate the current weights with the engine's own
-    ``_validate``, keep them if they beat the best validated Dice so far (else the best), and
-    sweep the threshold on the validation split with the engine's ``threshold_sweep``. Works on
+    Mirrors the end of ``training._train``: with fewer than ``MIN_VAL_IMAGES_FOR_SELECTION``
+    validation images, the current weights and threshold 0.5; otherwise validate the current
+    weights with the engine's own ``_validate``, keep them if they beat the best validated Dice
+    so far (else the best), and sweep the threshold with the engine's ``threshold_sweep``. Works on
     a copy: the running training is not touched.
     """
     from napari_bulbseg import training as tr
@@ -138,6 +139,9 @@ def engine_stop_now(frame: dict[str, Any]) -> tuple[Any, float, str]:
         except StopIteration as stop:
             _, dice05, probs = stop.value
             break
+    if len(frame["val_p"]) < tr.MIN_VAL_IMAGES_FOR_SELECTION:
+        # the engine's rule for 1-2 validation images: the latest weights and threshold 0.5
+        return model.eval(), 0.5, "current weights, 0.5 (tiny validation split)"
     best_state, best_dice = frame["best_state"], frame["best_dice"]
     if best_state is not None and not (dice05 > best_dice + 1e-4):
         model.load_state_dict(best_state)
@@ -328,7 +332,7 @@ def plot(path: Path, ours: Run, monai: Run, before: dict[str, float], budget: fl
 
     fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=120)
     for run, colour, label in (
-        (ours, "tab:blue", "napari-bulbseg fine-tuning (val-swept threshold)"),
+        (ours, "tab:blue", "napari-bulbseg fine-tuning (the engine's threshold)"),
         (monai, "tab:orange", "MONAI BasicUNet + DiceFocal, from scratch (threshold 0.5)"),
     ):
         t = [p.t for p in run.points]
