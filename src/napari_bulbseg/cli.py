@@ -15,9 +15,7 @@ from typing import Any
 
 from . import __version__
 from .errors import BulbsegError, CancelledError, InputError, ModelError
-
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
-
+from .io import IMAGE_SUFFIXES, file_stem, image_files
 
 # --------------------------------------------------------------------------- progress display
 
@@ -87,14 +85,8 @@ def _collect_inputs(paths: Sequence[str], skip_outputs_in: Path | None = None) -
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(
-                q
-                for q in p.iterdir()
-                if q.is_file()
-                and not q.name.startswith(".")
-                and q.suffix.lower() in IMAGE_SUFFIXES
-                and not (_same_dir(p, skip_outputs_in) and _is_our_output(q))
-            )
+            skip = _same_dir(p, skip_outputs_in)
+            found = [q for q in image_files(p) if not (skip and _is_our_output(q))]
             if not found:
                 raise InputError(
                     f"No images ({', '.join(IMAGE_SUFFIXES)}) in folder {p}",
@@ -118,7 +110,7 @@ def _same_dir(a: Path, b: Path | None) -> bool:
 
 
 def _is_our_output(path: Path) -> bool:
-    return _stem(path).endswith(("_mask", "_prob"))
+    return file_stem(path).endswith(("_mask", "_prob"))
 
 
 _VERSION_SPEC = re.compile(r"^(v\d{3,}|current|bundled(:[0-9a-f]*)?)$")
@@ -176,7 +168,7 @@ def _prepare_output_dir(path: str) -> Path:
 def _check_unique_outputs(files: Sequence[Path]) -> None:
     seen: dict[str, Path] = {}
     for f in files:
-        stem = _stem(f)
+        stem = file_stem(f)
         if stem in seen:
             raise InputError(
                 f"{seen[stem]} and {f} would both be written as {stem}_mask.tif",
@@ -266,21 +258,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for i, f in enumerate(files, 1):
         stack, prob = _predict_one(f, loaded, options, f"[{i}/{len(files)}] {f.name}")
         mask = postprocess_stack(prob, spec)
-        stem = _stem(f)
+        stem = file_stem(f)
         meta = {"pixel_size": stack.pixel_size, "unit": stack.unit or "µm"}
         if not args.no_prob:
             write_tiff(out / f"{stem}_prob.tif", prob.astype("float32"), axes="ZYX", **meta)
         mp = write_mask(out / f"{stem}_mask.tif", mask, pixel_size=stack.pixel_size)
         print(f"{f.name}: {int(mask.sum())} foreground pixels -> {mp}")
     return 0
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suf in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return path.stem
 
 
 def _strip_pred_suffix(stem: str) -> str:
@@ -296,8 +280,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .io import read_mask
     from .metrics import stack_metrics, write_metrics_csv
 
-    preds = {_strip_pred_suffix(_stem(p)): p for p in _collect_inputs([args.pred])}
-    truths = {_stem(p): p for p in _collect_inputs([args.truth])}
+    preds = {_strip_pred_suffix(file_stem(p)): p for p in _collect_inputs([args.pred])}
+    truths = {file_stem(p): p for p in _collect_inputs([args.truth])}
     common = sorted(set(preds) & set(truths))
     if not common:
         raise InputError(

@@ -60,6 +60,8 @@ __all__ = [
     "LAZY_MAX_BYTES",
     "LazyStack",
     "Stack",
+    "file_stem",
+    "image_files",
     "list_pairs",
     "read_image",
     "read_mask",
@@ -825,7 +827,8 @@ def _read_raster_stack(path: Path, kind: str) -> Stack:
     )
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
+    """The image files in ``folder`` (hidden files skipped), in natural order (2 before 10)."""
     try:
         entries = list(folder.iterdir())
     except OSError as e:
@@ -839,7 +842,7 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _read_folder(folder: Path, lazy: bool | None) -> Stack:
-    files = _image_files(folder)
+    files = image_files(folder)
     if not files:
         raise InputError(
             f"{folder} contains no images ({', '.join(IMAGE_SUFFIXES)})",
@@ -987,7 +990,8 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return mask[0] if mask.shape[0] == 1 else mask
 
 
-def _stem(p: Path) -> str:
+def file_stem(p: Path) -> str:
+    """A file's name without its extension; ``x.ome.tif`` gives ``x``."""
     name = p.name
     low = name.lower()
     for suf in (".ome.tiff", ".ome.tif"):
@@ -1021,8 +1025,8 @@ def list_pairs(
 
     def by_stem(folder: Path) -> dict[str, Path]:
         out: dict[str, Path] = {}
-        for f in _image_files(folder):
-            s = _stem(f)
+        for f in image_files(folder):
+            s = file_stem(f)
             if s in out:
                 raise InputError(
                     f"{folder} has two files for {s!r}: {out[s].name} and {f.name}",
