@@ -123,3 +123,16 @@ def test_sample_files_exist():
 
     assert (SAMPLE_DIR / "bbbc039_sample.tif").is_file()
     assert Path(SAMPLE_DIR / "bbbc039_sample_mask.tif").is_file()
+
+
+def test_ome_tiff_finds_its_mask_partner(tmp_path):
+    """``x.ome.tif`` pairs with ``x_mask.tif`` (its stem is ``x``, not ``x.ome``)."""
+    from napari_bulbseg._reader import find_mask_partner, is_mask_name
+
+    img = tmp_path / "cells.ome.tif"
+    img.write_bytes(b"")
+    assert find_mask_partner(img) is None
+    partner = tmp_path / "cells_mask.tif"
+    partner.write_bytes(b"")
+    assert find_mask_partner(img) == partner
+    assert is_mask_name(tmp_path / "cells_mask.ome.tif") and not is_mask_name(img)
