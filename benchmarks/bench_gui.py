@@ -45,7 +45,6 @@ def _smooth_prob(n: int, shape: int, seed: int = 0) -> np.ndarray:
 
 
 def bench_slider(viewer, qapp, size: int, n_values: int) -> dict[str, float]:
-    from napari_bulbseg._widgets import ThresholdWidget
     from napari_bulbseg._widgets._session import get_session
 
     viewer.layers.clear()
@@ -57,8 +56,7 @@ def bench_slider(viewer, qapp, size: int, n_values: int) -> dict[str, float]:
     for z in range(3):
         s.slice_predicted(z)
     viewer.dims.set_point(0, 1)
-    tw = ThresholdWidget(viewer)
-    dock = viewer.window.add_dock_widget(tw)
+    dock, tw = viewer.window.add_plugin_dock_widget("napari-bulbseg", "Threshold & objects")
     for _ in range(20):
         qapp.processEvents()
     while s.busy:
@@ -134,7 +132,6 @@ class LoopProbe:
 def bench_loop(viewer, qapp, quick: bool) -> dict[str, tuple[float, float]]:
     import torch
 
-    from napari_bulbseg._widgets import FinetuneWidget, SegmentWidget
     from napari_bulbseg._widgets._models import FOLDER
     from napari_bulbseg._widgets._session import get_session
     from napari_bulbseg.model import ModelCard, UNet, UNetConfig, save_model
@@ -151,8 +148,7 @@ def bench_loop(viewer, qapp, quick: bool) -> dict[str, tuple[float, float]]:
     probe = LoopProbe()
     out = {"idle": _pct(probe.run_while(qapp, lambda: True, 1.5))}
 
-    seg = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(seg)
+    _, seg = viewer.window.add_plugin_dock_widget("napari-bulbseg", "Segment")
     seg.model.value = next(c for c in seg.model.choices if c.kind == FOLDER)
     seg.folder.value = model_dir
     seg.run()
@@ -163,8 +159,7 @@ def bench_loop(viewer, qapp, quick: bool) -> dict[str, tuple[float, float]]:
     corr.data[:] = mask
     for z in range(n):
         s.set_reviewed(z, True)
-    ft = FinetuneWidget(viewer)
-    viewer.window.add_dock_widget(ft)
+    _, ft = viewer.window.add_plugin_dock_widget("napari-bulbseg", "Fine-tune")
     ft.epochs.value, ft.steps.value, ft.patch.value = 1, (6 if quick else 20), 128
     ft.start()
     out["finetune"] = _pct(probe.run_while(qapp, lambda: ft.running, 600))

@@ -105,11 +105,17 @@ def make_viewer(docks_for: dict):
 
     viewer = napari.Viewer(show=True, title="napari-bulbseg")
     viewer.window._qt_window.resize(1500, 950)
-    widgets = {k: cls(viewer) for k, (cls, _) in docks_for.items()}
-    docks = {
-        k: viewer.window.add_dock_widget(w, name=docks_for[k][1], area="right")
-        for k, w in widgets.items()
-    }
+    # open every dock as a user does: Plugins ▸ napari-bulbseg ▸ <name>
+    plugin_menu = next(
+        a.menu() for a in viewer.window.plugins_menu.actions() if a.text() == "napari-bulbseg"
+    )
+    actions = {a.text().replace("&&", "&"): a for a in plugin_menu.actions()}
+    for title in docks_for.values():
+        actions[f"{title} (napari-bulbseg)"].trigger()
+    widgets, docks = {}, {}
+    for k, title in docks_for.items():
+        # already docked by the menu action: napari hands back the same dock and widget
+        docks[k], widgets[k] = viewer.window.add_plugin_dock_widget("napari-bulbseg", title)
     return viewer, widgets, docks
 
 
@@ -137,21 +143,15 @@ def main() -> int:
 
     from qtpy.QtWidgets import QApplication
 
-    from napari_bulbseg._widgets import (
-        FinetuneWidget,
-        ReviewWidget,
-        SegmentWidget,
-        ThresholdWidget,
-    )
     from napari_bulbseg._widgets._models import BUNDLED
     from napari_bulbseg._widgets._session import get_session
     from napari_bulbseg.postprocess import DIFF_FN, DIFF_FP
 
     panels = {
-        "segment": (SegmentWidget, "Segment"),
-        "threshold": (ThresholdWidget, "Threshold & objects"),
-        "review": (ReviewWidget, "Review & correct"),
-        "finetune": (FinetuneWidget, "Fine-tune"),
+        "segment": "Segment",
+        "threshold": "Threshold & objects",
+        "review": "Review & correct",
+        "finetune": "Fine-tune",
     }
 
     # ---------------------------------------------------------------- the bundled model on BBBC039

@@ -21,6 +21,8 @@ import pytest
 
 pytest.importorskip("napari")
 
+from conftest import open_dock  # noqa: E402
+
 from napari_bulbseg import io
 
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
@@ -97,7 +99,6 @@ def _read_marker(proc: subprocess.Popen, timeout: float) -> str:
 
 
 def test_crash_while_painting_restores_autosave(make_napari_viewer, qtbot, tmp_path, bulbseg_home):
-    from napari_bulbseg._widgets import ReviewWidget
 
     assert os.environ.get("DISPLAY"), "needs the X server pytest-xvfb provides"
     image = np.random.default_rng(0).integers(0, 200, (Z, *SHAPE), dtype=np.uint8)
@@ -130,8 +131,7 @@ def test_crash_while_painting_restores_autosave(make_napari_viewer, qtbot, tmp_p
     # --- next start: a fresh viewer opens the same file and is offered the saved corrections
     viewer = make_napari_viewer()
     viewer.open(str(path), plugin="napari-bulbseg")
-    rw = ReviewWidget(viewer)
-    viewer.window.add_dock_widget(rw)
+    rw = open_dock(viewer, "Review & correct")
     assert rw.corrections.offer is viewer.layers["crash"]
     assert not rw.restore_btn.native.isHidden()
     rw.restore_btn.native.click()

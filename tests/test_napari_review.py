@@ -7,6 +7,8 @@ import pytest
 
 pytest.importorskip("napari")
 
+from conftest import open_dock  # noqa: E402
+
 from napari_bulbseg.metrics import slice_metrics
 from napari_bulbseg.postprocess import (
     DIFF_FN,
@@ -44,12 +46,10 @@ def _seed(viewer, image_name="bulb phantom"):
 
 
 def test_threshold_review_corrections_autosave(make_napari_viewer, qtbot, bulbseg_home):
-    from napari_bulbseg._widgets import ReviewWidget, ThresholdWidget
 
     viewer = _phantom_viewer(make_napari_viewer)
-    tw, rw = ThresholdWidget(viewer), ReviewWidget(viewer)
-    viewer.window.add_dock_widget(tw)
-    viewer.window.add_dock_widget(rw)
+    tw = open_dock(viewer, "Threshold & objects")
+    rw = open_dock(viewer, "Review & correct")
     s, gt = _seed(viewer)
     qtbot.waitUntil(lambda: not s.busy, timeout=5000)
     pred = s.pred_layer
@@ -127,8 +127,7 @@ def test_threshold_review_corrections_autosave(make_napari_viewer, qtbot, bulbse
 
     # --- a fresh viewer with the same image is offered the saved corrections
     viewer2 = _phantom_viewer(make_napari_viewer)
-    rw2 = ReviewWidget(viewer2)
-    viewer2.window.add_dock_widget(rw2)
+    rw2 = open_dock(viewer2, "Review & correct")
     assert rw2.corrections.offer is viewer2.layers["bulb phantom"]
     assert not rw2.restore_btn.native.isHidden()
     restored = rw2.restore()
@@ -140,7 +139,6 @@ def test_threshold_review_corrections_autosave(make_napari_viewer, qtbot, bulbse
 
 def test_fast_slice_redraw_matches_full_refresh(make_napari_viewer, qtbot):
     """The slider's partial redraw (napari internals) must show exactly what refresh() shows."""
-    from napari_bulbseg._widgets import ThresholdWidget
     from napari_bulbseg._widgets._session import get_session
 
     viewer = make_napari_viewer(show=True)
@@ -153,8 +151,7 @@ def test_fast_slice_redraw_matches_full_refresh(make_napari_viewer, qtbot):
     for z in range(3):
         s.slice_predicted(z)
     viewer.dims.set_point(0, 1)
-    tw = ThresholdWidget(viewer)
-    viewer.window.add_dock_widget(tw)
+    tw = open_dock(viewer, "Threshold & objects")
     shots = []
     for t in (0.9, 0.3):
         tw.threshold.value = t

@@ -10,6 +10,8 @@ import pytest
 
 pytest.importorskip("napari")
 
+from conftest import open_dock  # noqa: E402
+
 from napari_bulbseg import io
 from napari_bulbseg.postprocess import difference_map, postprocess_slice
 
@@ -27,11 +29,9 @@ def _open_phantom(viewer, tmp_path, n=4, shape=(64, 64)):
 
 
 def _segment(viewer, folder):
-    from napari_bulbseg._widgets import SegmentWidget
     from napari_bulbseg._widgets._models import FOLDER
 
-    w = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(w)
+    w = open_dock(viewer, "Segment")
     w.model.value = next(c for c in w.model.choices if c.kind == FOLDER)
     w.folder.value = folder
     w.tile.value, w.overlap.value = 64, 8
@@ -39,7 +39,6 @@ def _segment(viewer, folder):
 
 
 def test_workflow_end_to_end(make_napari_viewer, qtbot, tmp_path, tiny_model_dir, bulbseg_home):
-    from napari_bulbseg._widgets import FinetuneWidget, ReviewWidget, ThresholdWidget
     from napari_bulbseg._widgets._models import get_registry
     from napari_bulbseg._widgets._session import get_session
 
@@ -61,9 +60,8 @@ def test_workflow_end_to_end(make_napari_viewer, qtbot, tmp_path, tiny_model_dir
     assert pred.data.shape == gt.data.shape and pred.scale[1:] == pytest.approx((0.8, 0.8))
 
     # --- slider → the displayed slice follows at once; XOR layer follows the prediction
-    tw, rw = ThresholdWidget(viewer), ReviewWidget(viewer)
-    viewer.window.add_dock_widget(tw)
-    viewer.window.add_dock_widget(rw)
+    tw = open_dock(viewer, "Threshold & objects")
+    rw = open_dock(viewer, "Review & correct")
     rw.reference.value = gt
     t = float(np.median(s.prob[2]))
     tw.threshold.value = round(t, 2)
@@ -81,8 +79,7 @@ def test_workflow_end_to_end(make_napari_viewer, qtbot, tmp_path, tiny_model_dir
         s.set_reviewed(k, True)
 
     # --- fine-tune a few steps → a new registry version, current, loaded in the session
-    ft = FinetuneWidget(viewer)
-    viewer.window.add_dock_widget(ft)
+    ft = open_dock(viewer, "Fine-tune")
     ft.epochs.value, ft.steps.value, ft.patch.value = 1, 2, 32
     ft.start()
     qtbot.waitUntil(lambda: not ft.running, timeout=60000)
@@ -103,7 +100,6 @@ def test_workflow_end_to_end(make_napari_viewer, qtbot, tmp_path, tiny_model_dir
 def test_cancel_prediction_and_finetune(
     make_napari_viewer, qtbot, tmp_path, tiny_model_dir, bulbseg_home
 ):
-    from napari_bulbseg._widgets import FinetuneWidget
     from napari_bulbseg._widgets._models import get_registry
     from napari_bulbseg._widgets._session import get_session
 
@@ -123,8 +119,7 @@ def test_cancel_prediction_and_finetune(
         s.set_reviewed(int(k), True)
     s.set_reviewed(int(np.flatnonzero(s.done)[0]) + 1, True)  # need two samples
     assert corr is not None
-    ft = FinetuneWidget(viewer)
-    viewer.window.add_dock_widget(ft)
+    ft = open_dock(viewer, "Fine-tune")
     ft.epochs.value, ft.steps.value, ft.patch.value = 50, 50, 32
     ft.start()
     qtbot.waitUntil(lambda: len(ft.plot.loss) > 0, timeout=30000)
@@ -145,15 +140,13 @@ def _finetune_round(viewer, qtbot, ft, s):
 @pytest.mark.slow
 def test_rollback_after_finetune(make_napari_viewer, qtbot, tmp_path, bulbseg_home):
     """Bundled model → v001 → v002; Roll back twice: v001, then the bundled model again."""
-    from napari_bulbseg._widgets import FinetuneWidget, SegmentWidget
     from napari_bulbseg._widgets._models import BUNDLED, VERSION, get_registry
     from napari_bulbseg._widgets._session import get_session
     from napari_bulbseg.model import bundled_model_dir
 
     viewer = make_napari_viewer()
     _, gt = _open_phantom(viewer, tmp_path)
-    seg = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(seg)
+    seg = open_dock(viewer, "Segment")
     assert seg.model.value.kind == BUNDLED  # a fresh install starts from the bundled model
     seg.tile.value, seg.overlap.value = 64, 8
     s = get_session(viewer)
@@ -166,8 +159,7 @@ def test_rollback_after_finetune(make_napari_viewer, qtbot, tmp_path, bulbseg_ho
     for k in range(gt.data.shape[0]):
         s.set_reviewed(k, True)
 
-    ft = FinetuneWidget(viewer)
-    viewer.window.add_dock_widget(ft)
+    ft = open_dock(viewer, "Fine-tune")
     reg = get_registry()
     v1 = _finetune_round(viewer, qtbot, ft, s)
     assert reg.info(v1).parent.startswith("bundled:")

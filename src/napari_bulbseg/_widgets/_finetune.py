@@ -23,7 +23,7 @@ from ._layers import as_stack
 from ._models import get_registry
 from ._plot import CurvePlot
 from ._qt import Connections, text_label
-from ._session import get_session
+from ._session import get_session, real_viewer
 
 LOSSES = ("focal+dice", "bce", "focal", "dice", "bce+dice")
 
@@ -50,9 +50,9 @@ def finetune_job(
 class FinetuneWidget(Container):
     """Fine-tune on reviewed slices with live curves; save a version; re-predict or roll back."""
 
-    def __init__(self, viewer: Any) -> None:
+    def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
-        self._viewer = viewer
+        self._viewer = viewer = real_viewer(napari_viewer)
         self._session = s = get_session(viewer)
         self._worker: Any = None
         self._cancel = threading.Event()

@@ -17,7 +17,7 @@ from ._jobs import start_job
 from ._layers import diff_colormap, upsert_labels
 from ._metrics_view import MetricsTable
 from ._qt import Connections, single_shot, text_label
-from ._session import get_session
+from ._session import get_session, real_viewer
 
 _EVENTS = ("paint", "data", "set_data")
 
@@ -25,9 +25,9 @@ _EVENTS = ("paint", "data", "set_data")
 class ReviewWidget(Container):
     """Compare the prediction with a reference; correct it; mark slices as reviewed."""
 
-    def __init__(self, viewer: Any) -> None:
+    def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=False)
-        self._viewer = viewer
+        self._viewer = viewer = real_viewer(napari_viewer)
         self._session = s = get_session(viewer)
         self._ref: Labels | None = None
         self._stack_worker: Any = None

@@ -26,7 +26,7 @@ from ._jobs import start_job, user_message
 from ._layers import current_index, n_slices
 from ._models import FOLDER, ModelChoice, load_choice, model_choices
 from ._qt import Connections, text_label
-from ._session import get_session
+from ._session import get_session, real_viewer
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
 #: PredictOptions' defaults (not imported here: that would load torch with the plugin menu)
@@ -71,9 +71,9 @@ def _warm_up() -> None:
 class SegmentWidget(Container):
     """Pick an image and a model; predict the stack into probability + prediction layers."""
 
-    def __init__(self, viewer: Any) -> None:
+    def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
-        self._viewer = viewer
+        self._viewer = viewer = real_viewer(napari_viewer)
         self._session = get_session(viewer)
         self._worker: Any = None
         self._t0 = 0.0

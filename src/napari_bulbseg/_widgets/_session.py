@@ -35,6 +35,15 @@ REFRESH_DELAY_MS = 120
 _SESSIONS: weakref.WeakKeyDictionary[Any, Session] = weakref.WeakKeyDictionary()
 
 
+def real_viewer(napari_viewer: Any) -> Any:
+    """The viewer itself, where napari injected a ``PublicOnlyProxy`` of it into a dock.
+
+    Through the proxy every layer is a proxy too, so identity checks against our own layers
+    fail and napari internals we rely on (the slider's partial redraw) are refused.
+    """
+    return getattr(napari_viewer, "__wrapped__", napari_viewer)
+
+
 def get_session(viewer: Any) -> Session:
     """The one :class:`Session` of ``viewer`` (created on first use)."""
     session = _SESSIONS.get(viewer)

@@ -19,7 +19,7 @@ from ..errors import BulbsegError
 from ..postprocess import PostProcess
 from . import _text as T
 from ._qt import Connections, single_shot, text_label
-from ._session import get_session
+from ._session import get_session, real_viewer
 
 
 def suggest_threshold(
@@ -36,9 +36,9 @@ def suggest_threshold(
 class ThresholdWidget(Container):
     """Threshold slider and object priors; the prediction follows at once."""
 
-    def __init__(self, viewer: Any) -> None:
+    def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
-        self._viewer = viewer
+        self._viewer = viewer = real_viewer(napari_viewer)
         self._session = s = get_session(viewer)
         spec = s.spec
         self.threshold = FloatSlider(

@@ -1,0 +1,91 @@
+"""The plugin as a user meets it: napari's own menus open every dock and both samples.
+
+Everything here goes through napari — the real Plugins ▸, Layers ▸ Segment ▸ and File ▸ Open
+Sample ▸ menu actions, which instantiate our widgets with the viewer injected by napari.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+from conftest import DOCKS, menu_action, open_dock  # noqa: E402
+
+pytestmark = pytest.mark.gui
+
+_CLASSES = {
+    "Segment": "SegmentWidget",
+    "Threshold & objects": "ThresholdWidget",
+    "Review & correct": "ReviewWidget",
+    "Fine-tune": "FinetuneWidget",
+}
+
+
+def _docked(viewer, name):
+    """The widget of our dock ``name`` if napari has docked it, else None."""
+    from napari_bulbseg import _widgets
+
+    from napari._qt.widgets.qt_viewer_dock_widget import QtViewerDockWidget
+
+    for dock in viewer.window._qt_window.findChildren(QtViewerDockWidget):
+        if dock.name.startswith(name + " (napari-bulbseg)"):
+            inner = dock.inner_widget()
+            assert isinstance(inner, getattr(_widgets, _CLASSES[name]))
+            return inner
+    return None
+
+
+@pytest.mark.parametrize("menu", ["plugins", "layers"])
+def test_every_dock_opens_from_the_menus(make_napari_viewer, qtbot, bulbseg_home, menu):
+    viewer = make_napari_viewer()
+    win = viewer.window
+    for name in DOCKS:
+        label = f"{name} (napari-bulbseg)"
+        if menu == "plugins":
+            action = menu_action(win.plugins_menu, "napari-bulbseg", label)
+        else:
+            action = menu_action(win.layers_menu, "Segment", label)
+        assert _docked(viewer, name) is None
+        action.trigger()  # raised TypeError (viewer not injected) before the fix
+        widget = _docked(viewer, name)
+        assert widget is not None, f"{label} opened no dock"
+        assert widget._viewer is viewer
+        # the API route gives the same, already open dock, not a second one
+        assert open_dock(viewer, name) is widget
+
+
+def test_samples_open_from_file_menu(make_napari_viewer, bulbseg_home):
+    from napari.layers import Image, Labels
+
+    viewer = make_napari_viewer()
+    menu = viewer.window.file_menu
+    menu_action(menu, "Open Sample", "napari-bulbseg", "BBBC039 nuclei (with ground truth)").trigger()
+    image, gt = viewer.layers["bbbc039"], viewer.layers["bbbc039 ground truth"]
+    assert isinstance(image, Image) and isinstance(gt, Labels)
+    assert image.data.shape == gt.data.shape and image.data.ndim == 3
+    assert set(np.unique(np.asarray(gt.data))) <= {0, 1} and np.asarray(gt.data).any()
+
+    label = "Synthetic olfactory bulbs (with ground truth)"
+    menu_action(menu, "Open Sample", "napari-bulbseg", label).trigger()
+    bulbs = viewer.layers["bulb phantom ground truth"]
+    assert isinstance(bulbs, Labels) and np.asarray(bulbs.data).any()
+
+
+def test_repredict_opens_segment_when_not_docked(make_napari_viewer, qtbot, bulbseg_home):
+    """Fine-tune's Re-predict docks Segment through napari when the user closed or never opened it."""
+    viewer = make_napari_viewer()
+    menu = viewer.window.file_menu
+    label = "Synthetic olfactory bulbs (with ground truth)"
+    menu_action(menu, "Open Sample", "napari-bulbseg", label).trigger()
+    ft = open_dock(viewer, "Fine-tune")
+    assert _docked(viewer, "Segment") is None
+    ft.repredict()
+    seg = _docked(viewer, "Segment")
+    assert seg is not None
+    # the request reached the new dock: it predicts the open image with the session's model
+    qtbot.waitUntil(lambda: not seg.running, timeout=60000)
+    assert viewer.layers["bulb phantom prediction"].data.shape == (
+        viewer.layers["bulb phantom"].data.shape
+    )
