@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("napari")
 
-from conftest import DOCKS, menu_action, open_dock  # noqa: E402
+from conftest import DOCKS, menu_action, open_dock
 
 pytestmark = pytest.mark.gui
 
@@ -25,9 +25,9 @@ _CLASSES = {
 
 def _docked(viewer, name):
     """The widget of our dock ``name`` if napari has docked it, else None."""
-    from napari_bulbseg import _widgets
-
     from napari._qt.widgets.qt_viewer_dock_widget import QtViewerDockWidget
+
+    from napari_bulbseg import _widgets
 
     for dock in viewer.window._qt_window.findChildren(QtViewerDockWidget):
         if dock.name.startswith(name + " (napari-bulbseg)"):
@@ -61,7 +61,8 @@ def test_samples_open_from_file_menu(make_napari_viewer, bulbseg_home):
 
     viewer = make_napari_viewer()
     menu = viewer.window.file_menu
-    menu_action(menu, "Open Sample", "napari-bulbseg", "BBBC039 nuclei (with ground truth)").trigger()
+    label = "BBBC039 nuclei (with ground truth)"
+    menu_action(menu, "Open Sample", "napari-bulbseg", label).trigger()
     image, gt = viewer.layers["bbbc039"], viewer.layers["bbbc039 ground truth"]
     assert isinstance(image, Image) and isinstance(gt, Labels)
     assert image.data.shape == gt.data.shape and image.data.ndim == 3
@@ -74,7 +75,7 @@ def test_samples_open_from_file_menu(make_napari_viewer, bulbseg_home):
 
 
 def test_repredict_opens_segment_when_not_docked(make_napari_viewer, qtbot, bulbseg_home):
-    """Fine-tune's Re-predict docks Segment through napari when the user closed or never opened it."""
+    """Fine-tune's Re-predict docks Segment through napari when it is not open."""
     viewer = make_napari_viewer()
     menu = viewer.window.file_menu
     label = "Synthetic olfactory bulbs (with ground truth)"

@@ -7,8 +7,7 @@ import pytest
 
 pytest.importorskip("napari")
 
-from conftest import open_dock  # noqa: E402
-
+from conftest import open_dock
 from napari_bulbseg.metrics import slice_metrics
 from napari_bulbseg.postprocess import (
     DIFF_FN,

@@ -10,8 +10,7 @@ import pytest
 
 pytest.importorskip("napari")
 
-from conftest import open_dock  # noqa: E402
-
+from conftest import open_dock
 from napari_bulbseg import io
 from napari_bulbseg.postprocess import difference_map, postprocess_slice
 
