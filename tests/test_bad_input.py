@@ -328,14 +328,13 @@ def test_cli_spaces_and_non_ascii_names(tmp_path, capsys, tiny_model_dir):
     assert (out / "m é.csv").is_file() and "Zelle Nr 1" in outp
 
 
-def test_cli_predict_skips_its_own_outputs_in_the_output_folder(tmp_path, capsys, tiny_model_dir):
-    _needs_inference()
+def test_cli_predict_refuses_the_image_folder_as_output(tmp_path, capsys, tiny_model_dir):
+    """a_mask.tif beside a.tif is read back as a.tif's ground truth: never write it there."""
     d = tmp_path / "work"
     io.write_tiff(d / "a.tif", np.arange(256, dtype=np.uint16).reshape(16, 16))
-    for _ in range(2):  # the second run must not predict a_mask.tif / a_prob.tif as inputs
-        rc, _, err = predict(capsys, tiny_model_dir, d, d)
-        assert rc == 0, err
-    assert sorted(p.name for p in d.iterdir()) == ["a.tif", "a_mask.tif", "a_prob.tif"]
+    rc, _, err = predict(capsys, tiny_model_dir, d, d)
+    one_error_line(rc, err, "ground truth of a.tif", "-o predictions/")
+    assert sorted(p.name for p in d.iterdir()) == ["a.tif"]
 
 
 # ------------------------------------------------------------------------------ output paths
@@ -367,7 +366,7 @@ def test_cli_read_only_output_folder_simulated(tmp_path, capsys, tiny_model_dir,
 def test_cli_unwritable_output_folder_is_found_before_any_work(
     tmp_path, capsys, tiny_model_dir, img, monkeypatch
 ):
-    import napari_bulbseg.cli as cli_mod
+    import napari_bulbseg.outputs as cli_mod
 
     real = cli_mod.tempfile.TemporaryFile
 

@@ -13,6 +13,7 @@ import tifffile
 from napari_bulbseg.cli import main
 from napari_bulbseg.io import read_mask
 from napari_bulbseg.model import bundled_model_dir
+from napari_bulbseg.outputs import MANIFEST
 
 
 def _copy_pairs(shared_data: Path, dest: Path, n: int = 2) -> tuple[Path, Path, list[str]]:
@@ -59,9 +60,9 @@ def test_predict_and_evaluate_on_real_files(tmp_path, shared_data, tiny_model_di
         assert 0.0 <= float(prob.min()) and float(prob.max()) <= 1.0
         # the mask is the probability thresholded at 0.5 (no object priors asked for)
         np.testing.assert_array_equal(mask.squeeze() > 0, prob.squeeze() >= 0.5)
-    # no temporary files left behind
+    # no temporary files left behind; the manifest says which files this run wrote
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{s}_prob.tif" for s in stems] + [f"{s}_mask.tif" for s in stems]
+        [f"{s}_prob.tif" for s in stems] + [f"{s}_mask.tif" for s in stems] + [MANIFEST]
     )
 
     # evaluate the truth against itself: perfect scores; against the prediction: a real table

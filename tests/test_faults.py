@@ -28,6 +28,7 @@ from napari_bulbseg.errors import CancelledError, InputError, TrainingError
 from napari_bulbseg.events import Progress, drain
 from napari_bulbseg.inference import PredictOptions, iter_predict
 from napari_bulbseg.model import ModelCard, UNet, UNetConfig, load_model
+from napari_bulbseg.outputs import MANIFEST
 from napari_bulbseg.registry import Registry
 from napari_bulbseg.training import TrainConfig, iter_train
 
@@ -254,8 +255,10 @@ def test_disk_full_while_saving_model_corrections_and_csv(home):
 def test_cli_reports_a_full_disk_in_one_line(tmp_path, tiny_model_dir, capsys, monkeypatch):
     img = bio.write_tiff(tmp_path / "a.tif", np.arange(256, dtype=np.uint16).reshape(16, 16))
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "a_mask.tif").write_bytes(b"previous mask")
+    argv = ["predict", str(img), "-o", str(out), "--model", str(tiny_model_dir), "--device", "cpu"]
+    assert main(argv) == 0  # a previous run's mask: ours, so a re-run may replace it
+    capsys.readouterr()
+    previous = (out / "a_mask.tif").read_bytes()
 
     def full(*a, **k):
         raise OSError(28, "No space left on device")
@@ -268,8 +271,8 @@ def test_cli_reports_a_full_disk_in_one_line(tmp_path, tiny_model_dir, capsys, m
     assert rc == 2
     line = err.strip().splitlines()[-1]
     assert line.startswith("bulbseg: error:") and "No space left" in line and "unchanged" in line
-    assert sorted(p.name for p in out.iterdir()) == ["a_mask.tif"]
-    assert (out / "a_mask.tif").read_bytes() == b"previous mask"
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "a_mask.tif", "a_prob.tif"]
+    assert (out / "a_mask.tif").read_bytes() == previous
 
 
 def test_cli_train_full_disk_message(tmp_path, capsys, monkeypatch, home):
@@ -424,7 +427,7 @@ def test_cancelled_cli_predict_leaves_no_finished_looking_mask(
     )
     err = capsys.readouterr().err
     assert rc == 130 and "cancelled" in err and "Traceback" not in err
-    assert sorted(p.name for p in out.iterdir()) == ["a_mask.tif", "a_prob.tif"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "a_mask.tif", "a_prob.tif"]
     assert bio.read_mask(out / "a_mask.tif").shape == (2, 24, 24)
 
 
@@ -443,7 +446,8 @@ def test_interrupt_while_writing_leaves_no_mask(tmp_path, tiny_model_dir, capsys
         ["predict", str(img), "-o", str(out), "--model", str(tiny_model_dir), "--device", "cpu"]
     )
     assert rc == 130
-    assert sorted(p.name for p in out.iterdir()) == ["a_prob.tif"]  # no mask, no temp file
+    # no mask, no temp file
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "a_prob.tif"]
 
 
 def test_cancel_fine_tune_at_every_stage(home):

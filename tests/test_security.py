@@ -23,6 +23,7 @@ from napari_bulbseg import io
 from napari_bulbseg.cli import main
 from napari_bulbseg.errors import ModelError
 from napari_bulbseg.model import CARD_NAME, WEIGHTS_NAME, load_model
+from napari_bulbseg.outputs import MANIFEST
 
 PKG = Path(napari_bulbseg.__file__).parent
 
@@ -180,7 +181,7 @@ def test_cli_predict_writes_only_into_the_output_folder(tmp_path, sandbox, tiny_
     )
     assert rc == 0, capsys.readouterr().err
     changed = _new_files(before, _snapshot(tmp_path))
-    expected = {str(out)} | {
+    expected = {str(out), str(out / MANIFEST)} | {
         str(out / f"{s}_{k}.tif") for s in ("s1", "s2") for k in ("mask", "prob")
     }
     assert changed == expected
@@ -203,7 +204,7 @@ def test_cli_demo_and_info_write_only_where_asked(tmp_path, sandbox, tiny_model_
     rc = main(["demo", "-o", str(out), "--model", str(tiny_model_dir), "--device", "cpu"])
     assert rc == 0, capsys.readouterr().err
     changed = _new_files(before, _snapshot(tmp_path))
-    assert changed == {str(out)} | {
+    assert changed == {str(out), str(out / MANIFEST)} | {
         str(out / n) for n in ("probabilities.tif", "mask.tif", "metrics.csv", "overview.png")
     }
 

@@ -15,11 +15,10 @@ import numpy as np
 from napari.utils.notifications import show_error, show_info
 
 from .errors import BulbsegError, InputError
-from .io import file_stem
+from .io import MASK_FOLDERS, MASK_SUFFIXES, file_stem, mask_partner_candidates
 
 LayerData = tuple[Any, dict[str, Any], str]
 SUFFIXES = (".tif", ".tiff")
-MASK_SUFFIXES = ("_mask", "_masks", "-mask", "_gt", "_labels")
 GT_SUFFIX = " ground truth"
 
 
@@ -34,19 +33,13 @@ def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]]
 def is_mask_name(path: Path) -> bool:
     """True for files named like a mask (``*_mask.tif``) or kept in a ``masks/`` folder."""
     stem = file_stem(path).lower()
-    return stem.endswith(MASK_SUFFIXES) or path.parent.name.lower() in ("masks", "labels")
+    return stem.endswith(MASK_SUFFIXES) or path.parent.name.lower() in MASK_FOLDERS
 
 
 def find_mask_partner(path: str | Path) -> Path | None:
     """The ground-truth mask belonging to image ``path``, if one exists on disk."""
     path = Path(path)
-    stem = file_stem(path)  # x.ome.tif -> x
-    candidates = [path.with_name(stem + s + ext) for s in MASK_SUFFIXES for ext in SUFFIXES]
-    for folder in ("masks", "labels"):
-        for base in (path.parent.parent, path.parent):
-            candidates += [base / folder / (stem + ext) for ext in SUFFIXES]
-            candidates += [base / folder / (stem + "_mask" + ext) for ext in SUFFIXES]
-    for c in candidates:
+    for c in mask_partner_candidates(path, SUFFIXES):
         if c.is_file() and c.resolve() != path.resolve():
             return c
     return None

@@ -7,7 +7,6 @@ import errno
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 from . import __version__
 from .errors import BulbsegError, CancelledError, InputError, ModelError
-from .io import IMAGE_SUFFIXES, file_stem, image_files
+from .io import IMAGE_SUFFIXES, file_stem, image_files, mask_partner_candidates
 
 # --------------------------------------------------------------------------- progress display
 
@@ -79,14 +78,20 @@ def _run_with_bar(gen: Any, label: str) -> Any:
 # --------------------------------------------------------------------------- helpers
 
 
-def _collect_inputs(paths: Sequence[str], skip_outputs_in: Path | None = None) -> list[Path]:
-    """Image files named or found in the folders named; in the folder ``skip_outputs_in``
-    (the output folder), this command's own ``*_mask`` / ``*_prob`` files are not inputs."""
+def _collect_inputs(paths: Sequence[str]) -> list[Path]:
+    """Image files named or found in the folders named; in a folder, the ground-truth masks of
+    its images (``stack_mask.tif`` beside ``stack.tif``) are not inputs."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            skip = _same_dir(p, skip_outputs_in)
-            found = [q for q in image_files(p) if not (skip and _is_our_output(q))]
+            found = image_files(p)
+            truths = {
+                c for f in found for c in mask_partner_candidates(f, IMAGE_SUFFIXES) if c != f
+            }
+            if truths.intersection(found):
+                n = len(truths.intersection(found))
+                print(f"{p}: skipping {n} ground-truth mask(s) of its images", file=sys.stderr)
+                found = [f for f in found if f not in truths]
             if not found:
                 raise InputError(
                     f"No images ({', '.join(IMAGE_SUFFIXES)}) in folder {p}",
@@ -98,19 +103,6 @@ def _collect_inputs(paths: Sequence[str], skip_outputs_in: Path | None = None) -
         else:
             raise InputError(f"No such file or folder: {p}", "check the path")
     return files
-
-
-def _same_dir(a: Path, b: Path | None) -> bool:
-    if b is None:
-        return False
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
-
-
-def _is_our_output(path: Path) -> bool:
-    return file_stem(path).endswith(("_mask", "_prob"))
 
 
 _VERSION_SPEC = re.compile(r"^(v\d{3,}|current|bundled(:[0-9a-f]*)?)$")
@@ -145,24 +137,11 @@ def _load_model(spec: str, device: str) -> Any:
     return Registry().load(spec, device=dev)
 
 
-def _prepare_output_dir(path: str) -> Path:
+def _prepare_output_dir(path: str) -> Any:
     """Create the output folder (or check it) and prove it is writable, before any work."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise InputError(
-            f"The output {out} is an existing file, not a folder",
-            "give a folder for the results (it is created if it does not exist)",
-        )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out, prefix=".bulbseg-write-test-"):
-            pass
-    except OSError as e:
-        raise InputError(
-            f"Cannot write to the output folder {out}: {e.strerror or e}",
-            "choose a folder you can write to (check permissions and free space)",
-        ) from e
-    return out
+    from .outputs import OutputFolder
+
+    return OutputFolder(path)
 
 
 def _check_unique_outputs(files: Sequence[Path]) -> None:
@@ -248,9 +227,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .io import write_mask, write_tiff
     from .postprocess import postprocess_stack
 
-    out = _prepare_output_dir(args.output)
-    files = _collect_inputs(args.inputs, skip_outputs_in=out)
+    folder = _prepare_output_dir(args.output)
+    out = folder.path
+    files = _collect_inputs(args.inputs)
     _check_unique_outputs(files)
+    folder.check_not_ground_truth_of(files)
+    suffixes = ("_mask",) if args.no_prob else ("_mask", "_prob")
+    folder.check_targets(f"{file_stem(f)}{suf}.tif" for f in files for suf in suffixes)
     loaded = _load_model(args.model, args.device)
     spec = _postprocess_from(args, loaded.card)
     options = _predict_options(args)
@@ -261,8 +244,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         stem = file_stem(f)
         meta = {"pixel_size": stack.pixel_size, "unit": stack.unit or "µm"}
         if not args.no_prob:
-            write_tiff(out / f"{stem}_prob.tif", prob.astype("float32"), axes="ZYX", **meta)
+            pp = write_tiff(out / f"{stem}_prob.tif", prob.astype("float32"), axes="ZYX", **meta)
+            folder.record(pp)
         mp = write_mask(out / f"{stem}_mask.tif", mask, pixel_size=stack.pixel_size)
+        folder.record(mp)
         print(f"{f.name}: {int(mask.sum())} foreground pixels -> {mp}")
     return 0
 
@@ -414,7 +399,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .postprocess import PostProcess, difference_map, postprocess_stack
 
     sample = Path(__file__).parent / "sample"
-    out = _prepare_output_dir(args.output)
+    folder = _prepare_output_dir(args.output)
+    out = folder.path
+    folder.check_targets(("probabilities.tif", "mask.tif", "metrics.csv", "overview.png"))
     loaded = _load_model(args.model, args.device)
     stack = read_stack(sample / "bbbc039_sample.tif")
     truth = read_stack(sample / "bbbc039_sample_mask.tif").data
@@ -435,10 +422,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     result = stack_metrics(truth, mask)
     _print_metrics(result)
-    write_tiff(out / "probabilities.tif", prob.astype("float32"), axes="ZYX")
-    write_mask(out / "mask.tif", mask)
-    write_metrics_csv(out / "metrics.csv", result)
+    folder.record(write_tiff(out / "probabilities.tif", prob.astype("float32"), axes="ZYX"))
+    folder.record(write_mask(out / "mask.tif", mask))
+    folder.record(write_metrics_csv(out / "metrics.csv", result))
     png = save_overview(out / "overview.png", stack.data, mask, difference_map(truth, mask))
+    folder.record(png)
     print(
         f"threshold {spec.threshold:.2f}; wrote {out}/probabilities.tif, mask.tif, metrics.csv, "
         f"{png.name}"

@@ -77,6 +77,30 @@ LAZY_MAX_BYTES = 2 * 1024**3
 LAZY_MEMORY_FRACTION = 0.25
 #: file suffixes taken as images in folders of slices and image/mask folders
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+#: name endings of a ground-truth mask kept beside its image (``stack.tif`` + ``stack_mask.tif``)
+MASK_SUFFIXES = ("_mask", "_masks", "-mask", "_gt", "_labels")
+#: folders holding ground-truth masks, beside an image or beside its ``images/`` folder
+MASK_FOLDERS = ("masks", "labels")
+
+
+def mask_partner_candidates(
+    path: str | os.PathLike, suffixes: Sequence[str] = (".tif", ".tiff")
+) -> list[Path]:
+    """Where the ground-truth mask of image ``path`` is looked for, in order of preference."""
+    path = Path(path)
+    stem = file_stem(path)
+    found = [path.with_name(stem + s + ext) for s in MASK_SUFFIXES for ext in suffixes]
+    for folder in MASK_FOLDERS:
+        for base in (path.parent.parent, path.parent):
+            found += [base / folder / (stem + ext) for ext in suffixes]
+            found += [base / folder / (stem + "_mask" + ext) for ext in suffixes]
+    return found
+
+
+def mask_partner_folders(path: str | os.PathLike) -> list[Path]:
+    """The folders :func:`mask_partner_candidates` looks in for image ``path``."""
+    return list(dict.fromkeys(c.parent for c in mask_partner_candidates(path)))
+
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _AMBIGUOUS_AXES = "QI"
 _CHANNEL_AXES = "CS"
