@@ -687,3 +687,28 @@ def test_cli_unexpected_bug_is_still_one_line(tmp_path, capsys, monkeypatch):
     assert "\n" not in line
     with pytest.raises(ZeroDivisionError):
         main(["--debug", "info"])
+
+
+@pytest.mark.parametrize("how", ["home_is_a_file", "models_is_a_file"])
+def test_cli_train_unwritable_registry_found_before_training(tmp_path, capsys, monkeypatch, how):
+    import napari_bulbseg.data as data_mod
+
+    root = tmp_path / "ds"
+    io.write_tiff(root / "images" / "a.tif", np.zeros((16, 16), np.uint8))
+    io.write_mask(root / "masks" / "a.png", np.zeros((16, 16), bool))
+    home = tmp_path / "home"
+    if how == "home_is_a_file":
+        home.write_text("not a folder")
+    else:
+        home.mkdir()
+        (home / "models").write_text("not a folder")
+    monkeypatch.setenv("NAPARI_BULBSEG_HOME", str(home))
+
+    def no_data(*a, **k):
+        raise AssertionError("data read before the registry was checked")
+
+    monkeypatch.setattr(data_mod, "samples_from_folders", no_data)
+    rc, _, err = cli(
+        capsys, "train", "--images", root / "images", "--masks", root / "masks", "--device", "cpu"
+    )
+    one_error_line(rc, err, "Cannot save models in", "NAPARI_BULBSEG_HOME")

@@ -139,3 +139,36 @@ def test_shipped_bundled_model_loads(tmp_path):
     assert isinstance(loaded, LoadedModel)
     assert loaded.card.in_channels == 1 and 0 < loaded.card.threshold < 1
     assert loaded.card.threshold_curve and "val" in loaded.card.metrics
+
+
+def test_stray_file_named_like_a_version_is_skipped(tmp_path, bundled):
+    reg = Registry(tmp_path / "models")
+    assert reg.save_version(tiny_model(), card()) == "v001"
+    (reg.root / "v002").write_text("not a model")  # e.g. a file copied in by hand
+    assert reg.save_version(tiny_model(1), card()) == "v003"
+    assert reg.save_version(tiny_model(2), card()) == "v004"
+    assert (reg.root / "v002").read_text() == "not a model"
+    assert [v.id for v in reg.list_versions(include_bundled=False)] == ["v001", "v003", "v004"]
+
+
+def test_losing_the_rename_race_retries_with_the_next_id(tmp_path, bundled, monkeypatch):
+    """Another process renames its v002 into place between our check and our rename."""
+    import os
+
+    reg = Registry(tmp_path / "models")
+    reg.save_version(tiny_model(), card())
+    real = os.replace
+    other = tiny_model(5)
+
+    def slow_disk(src, dst):
+        if Path(dst).name == "v002" and not Path(dst).exists():
+            monkeypatch.setattr(model_mod.os, "replace", real)
+            save_model(Path(dst), other, card(dice=0.9))  # the other process wins v002
+        return real(src, dst)
+
+    monkeypatch.setattr(model_mod.os, "replace", slow_disk)
+    vid = reg.save_version(tiny_model(3), card(dice=0.7))
+    assert vid == "v003" and reg.current() == "v003"
+    assert reg.info("v002").val_dice == pytest.approx(0.9)  # theirs, intact
+    assert reg.info("v003").val_dice == pytest.approx(0.7)  # ours, not lost
+    assert not list(reg.root.glob(".v*.tmp"))

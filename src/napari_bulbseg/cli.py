@@ -370,6 +370,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(**kw)
     config.validate()  # before reading any data: bad settings fail at once
     _select_device(args.device)
+    registry = Registry()
+    registry.check_writable()  # not after the whole time budget was spent
     samples = samples_from_folders(args.images, args.masks)
     val = None
     if args.val_images or args.val_masks:
@@ -377,7 +379,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise InputError("--val-images and --val-masks go together", "give both or neither")
         val = samples_from_folders(args.val_images, args.val_masks)
     base = _load_model(args.base, args.device) if args.base else None
-    registry = Registry()
     print(
         f"training on {len(samples)} image(s)"
         + (f", validating on {len(val)}" if val else " (validation split fixed by content hash)")

@@ -390,7 +390,15 @@ def save_model(
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
-        os.replace(tmp, directory)
+        try:
+            os.replace(tmp, directory)
+        except OSError as e:
+            if directory.exists():  # another process saved under this name meanwhile
+                raise ModelError(
+                    f"A model already exists at {directory}",
+                    "models are never overwritten: pick a new name",
+                ) from e
+            raise
         fsync_dir(directory.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -135,9 +135,9 @@ class Registry:
         return sorted(found, key=lambda s: int(s[1:]))
 
     def _next_id(self) -> str:
-        ids = self._ids()
-        n = int(ids[-1][1:]) + 1 if ids else 1
-        return f"v{n:03d}"
+        """One past the highest id taken by anything in the folder (a stray file included)."""
+        taken = [int(p.name[1:]) for p in self.root.iterdir() if _ID_RE.match(p.name)]
+        return f"v{max(taken, default=0) + 1:03d}"
 
     def _resolve(self, version_id: str) -> str:
         vid = str(version_id).strip()
@@ -206,6 +206,21 @@ class Registry:
 
     # ------------------------------------------------------------------ saving and loading
 
+    def check_writable(self) -> None:
+        """Prove a new version can be saved here — call it before spending time on training."""
+        import tempfile
+
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root, prefix=".bulbseg-write-test-"):
+                pass
+        except OSError as e:
+            raise ModelError(
+                f"Cannot save models in {self.root}: {e.strerror or e}",
+                f"set {ENV_HOME} to a folder you can write to (models go into its models/ "
+                "subfolder), or fix the permissions / free some space",
+            ) from e
+
     def save_version(
         self, model: UNet, card: ModelCard, dtype: str = "float32", make_current: bool = True
     ) -> str:
@@ -218,7 +233,7 @@ class Registry:
         self._remove_stale_temp()
         for _ in range(100):  # another process may take the same id: try the next one
             vid = self._next_id()
-            if (self.root / vid).exists():
+            if (self.root / vid).exists() or (self.root / vid).is_symlink():
                 continue
             card.version = vid
             try:

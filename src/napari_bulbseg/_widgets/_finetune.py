@@ -146,6 +146,7 @@ class FinetuneWidget(Container):
             )
             config = self.config()
             registry = get_registry()
+            registry.check_writable()  # before training, not after the time budget is spent
         except Exception as e:
             show_warning(user_message(e))
             return
