@@ -712,3 +712,18 @@ def test_cli_train_unwritable_registry_found_before_training(tmp_path, capsys, m
         capsys, "train", "--images", root / "images", "--masks", root / "masks", "--device", "cpu"
     )
     one_error_line(rc, err, "Cannot save models in", "NAPARI_BULBSEG_HOME")
+
+
+@pytest.mark.parametrize("value, words", [(0, "are empty"), (1, "entirely foreground")])
+def test_cli_train_refuses_uninformative_masks(tmp_path, capsys, bulbseg_home, value, words):
+    """All-empty / all-foreground masks used to give a current model with Dice 0.000 / 1.000."""
+    root = tmp_path / "ds"
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        io.write_tiff(root / "images" / f"{name}.tif", rng.integers(0, 255, (32, 32), np.uint8))
+        io.write_mask(root / "masks" / f"{name}.png", np.full((32, 32), value, bool))
+    args = ["train", "--images", root / "images", "--masks", root / "masks", "--device", "cpu"]
+    rc, _, err = cli(capsys, *args, "--epochs", "1", "--steps-per-epoch", "1")
+    one_error_line(rc, err, words, "3 training mask")
+    models = bulbseg_home / "models"
+    assert not models.exists() or not [p for p in models.iterdir() if p.name.startswith("v")]

@@ -101,6 +101,7 @@ def mask_partner_folders(path: str | os.PathLike) -> list[Path]:
     """The folders :func:`mask_partner_candidates` looks in for image ``path``."""
     return list(dict.fromkeys(c.parent for c in mask_partner_candidates(path)))
 
+
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _AMBIGUOUS_AXES = "QI"
 _CHANNEL_AXES = "CS"

@@ -340,6 +340,25 @@ def _validate(
 # --------------------------------------------------------------------------- training
 
 
+def _check_masks_informative(samples: Sequence[Sample]) -> None:
+    """Refuse training masks that are all empty or all foreground: nothing can be learnt."""
+    fractions = [float(np.count_nonzero(s.mask)) / max(s.mask.size, 1) for s in samples]
+    n = len(samples)
+    if max(fractions) == 0.0:
+        raise InputError(
+            f"All {n} training mask(s) are empty: a model trained on them would mark nothing",
+            "mark the objects in at least one image or slice (empty slices help only alongside "
+            "slices with objects)",
+        )
+    if min(fractions) == 1.0:
+        raise InputError(
+            f"All {n} training mask(s) are entirely foreground: a model trained on them would "
+            "mark everything",
+            "check that the masks are 0 for background (not inverted, not all 255), or add "
+            "images with background",
+        )
+
+
 def iter_train(
     config: TrainConfig,
     samples: Sequence[Sample],
@@ -370,6 +389,7 @@ def iter_train(
     samples = list(samples)
     if not samples:
         raise InputError("No training images", "annotate at least one image or slice")
+    _check_masks_informative(samples)
     prev_threads = torch.get_num_threads()
     if config.num_threads:
         torch.set_num_threads(int(config.num_threads))
