@@ -688,3 +688,39 @@ def test_complex_tiff_rejected(tmp_path, rng):
     with pytest.raises(InputError, match="complex") as exc:
         io.read_stack(p)
     assert exc.value.hint
+
+
+# ------------------------------------------------------------------ second red-team pass
+
+
+def test_fifo_is_refused_not_read_forever(tmp_path):
+    fifo = tmp_path / "pipe.tif"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="not a regular file"):
+        io.read_stack(fifo)  # used to block forever in open()
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_folder_of_mixed_pixel_types_is_refused_lazy_or_not(tmp_path, lazy):
+    d = tmp_path / "slices"
+    d.mkdir()
+    tifffile.imwrite(d / "s1.tif", np.full((8, 8), 60000, np.uint16))
+    tifffile.imwrite(d / "s2.tif", np.full((8, 8), 0.75, np.float32))
+    with pytest.raises(InputError, match="pixel type float32"):
+        st = io.read_stack(d, lazy=lazy)
+        np.asarray(st.data[1])  # lazy: used to come back cast to 0
+
+
+def test_cmyk_jpeg_is_converted_to_rgb(tmp_path):
+    from PIL import Image
+
+    cmyk = np.zeros((40, 40, 4), np.uint8)
+    cmyk[..., 3] = 230  # dark background (much black ink)
+    cmyk[10:30, 10:30, 3] = 0  # a bright (white) square
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(cmyk, mode="CMYK").save(path, quality=95)
+    st = io.read_stack(path)
+    assert st.data.shape == (1, 40, 40, 3) and st.rgb
+    assert any("CMYK" in n for n in st.notes)
+    lum = np.asarray(st.data[0], np.float32).mean(axis=-1)
+    assert lum[15:25, 15:25].mean() > 200 and lum[:5, :5].mean() < 60

@@ -340,8 +340,26 @@ def _convert_length(value: float, unit: str, to: str) -> float | None:
     return None
 
 
+def _check_regular_file(path: Path) -> None:
+    """Refuse pipes, sockets and devices: reading one can block forever."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise InputError(
+            f"Cannot read {path}: {e.strerror or e}", "check the path and its permissions"
+        ) from e
+    if not stat.S_ISREG(mode):
+        raise InputError(
+            f"{path} is not a regular file (a pipe, socket or device)",
+            "save the image to a file and open that file",
+        )
+
+
 def _sniff(path: Path) -> str:
     """'tiff', 'png', 'jpeg', 'bmp' from the first bytes; InputError for empty or unknown."""
+    _check_regular_file(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -802,6 +820,16 @@ def _lazy_tiff(
 # PNG / JPEG and folders
 
 
+def _is_cmyk(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.mode == "CMYK"
+    except Exception:  # not readable by Pillow: keep what imageio read
+        return False
+
+
 def _read_raster(path: Path, notes: list[str] | None = None) -> np.ndarray:
     """PNG/JPEG/BMP → (Y, X) or (Y, X, C); fully opaque alpha dropped."""
     try:
@@ -820,6 +848,13 @@ def _read_raster(path: Path, notes: list[str] | None = None) -> np.ndarray:
         ) from e
     except Exception as e:  # e.g. PIL.Image.DecompressionBombError
         raise InputError(f"Could not read {path}: {e}", "re-export it as TIFF") from e
+    if arr.ndim == 3 and arr.shape[-1] == 4 and _is_cmyk(path):
+        from PIL import Image
+
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))  # Pillow undoes Adobe's inverted CMYK
+        if notes is not None:
+            notes.append("CMYK image converted to RGB")
     if arr.ndim == 3 and arr.shape[-1] in (2, 4):
         top = np.iinfo(arr.dtype).max if arr.dtype.kind in "ui" else 1.0
         if np.all(arr[..., -1] == top):
@@ -892,6 +927,11 @@ def _read_folder(folder: Path, lazy: bool | None) -> Stack:
                 f"{files[i]} has shape {st.shape[1:]} but {files[0].name} has {plane_shape}",
                 "all slices in a folder must have the same size and channels",
             )
+        if st.dtype != first.dtype:  # lazy or not: never cast a slice silently
+            raise InputError(
+                f"{files[i]} has pixel type {st.dtype} but {files[0].name} has {first.dtype}",
+                "convert the slices to one pixel type",
+            )
         return st.data[0]
 
     notes = (
@@ -914,13 +954,7 @@ def _read_folder(folder: Path, lazy: bool | None) -> Stack:
     data = np.empty(shape, first.dtype)
     data[0] = first.data[0]
     for i in range(1, len(files)):
-        plane = read_one(i)
-        if plane.dtype != first.dtype:
-            raise InputError(
-                f"{files[i]} has pixel type {plane.dtype} but {files[0].name} has {first.dtype}",
-                "convert the slices to one pixel type",
-            )
-        data[i] = plane
+        data[i] = read_one(i)
     return Stack(data=data, lazy=False, **common)
 
 
