@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import zlib
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,10 @@ class AutoSaver:
         self._warned = False
         self._crc: dict[int, int] = {}
         self.saves = 0
+        # saves run in workers and in flush(): a snapshot never overwrites a newer one on disk
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._written_seq = 0
 
     def touch(self) -> None:
         self._timer.start()
@@ -140,18 +145,48 @@ class AutoSaver:
             return
         snapshot = np.array(data, dtype=np.uint8, copy=True)
         reviewed = set(self._get_reviewed())
+        self._seq += 1
         self._worker = start_job(
-            self._save_job(snapshot, reviewed),
+            self._save_job(snapshot, reviewed, self._seq),
             on_done=self._saved,
             on_error=self._failed,
             on_finish=self._finished,
         )
 
-    def _save_job(self, snapshot: np.ndarray, reviewed: set[int]) -> Any:
-        path = self.store.save(snapshot, reviewed)
+    def _write(self, snapshot: np.ndarray, reviewed: set[int], seq: int) -> Path:
+        with self._lock:
+            if seq < self._written_seq:  # flush() already wrote newer data
+                return self.store.mask_path
+            path = self.store.save(snapshot, reviewed)
+            self._written_seq = seq
+            return path
+
+    def _save_job(self, snapshot: np.ndarray, reviewed: set[int], seq: int) -> Any:
+        path = self._write(snapshot, reviewed, seq)
         crc = {z: _crc(snapshot[z]) for z in range(snapshot.shape[0])}
         yield
         return path, crc
+
+    def flush(self) -> None:
+        """Save now, on this thread, if an edit is not on disk yet (viewer closing, layer removed).
+
+        A save already running in a worker cannot overwrite this one with older data.
+        """
+        if not (self._timer.isActive() or self._pending or self._worker is not None):
+            return
+        self._timer.stop()
+        self._pending = False
+        data = self._get_data()
+        if data is None:
+            return
+        self._seq += 1
+        try:
+            snapshot = np.array(data, dtype=np.uint8, copy=True)
+            self._write(snapshot, set(self._get_reviewed()), self._seq)
+        except Exception as e:  # the viewer is closing: say it, never raise into Qt
+            show_warning(T.MSG_AUTOSAVE_FAIL.format(err=e))
+            return
+        self.saves += 1
 
     def _saved(self, res: tuple[Path, dict[int, int]]) -> None:
         path, self._crc = res

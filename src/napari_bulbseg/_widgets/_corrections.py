@@ -8,12 +8,26 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info, show_warning
 from psygnal import Signal
+from qtpy.QtCore import QEvent, QObject
 
 from . import _text as T
 from ._autosave import AutoSaver, CorrectionStore
 from ._layers import CORR_RGBA, binary_colormap, upsert_labels
 
 _EDIT_EVENTS = ("paint", "data", "set_data")
+
+
+class _CloseWatch(QObject):
+    """Calls ``on_close`` when the watched window gets its close event."""
+
+    def __init__(self, on_close: Any) -> None:
+        super().__init__()
+        self._on_close = on_close
+
+    def eventFilter(self, obj: Any, event: Any) -> bool:
+        if event.type() == QEvent.Type.Close:
+            self._on_close()
+        return False
 
 
 def store_for(image: Image) -> CorrectionStore:
@@ -38,7 +52,25 @@ class Corrections:
         #: image whose saved corrections can be restored (None: nothing to offer)
         self.offer: Image | None = None
         viewer.layers.events.inserted.connect(self._on_inserted)
+        viewer.layers.events.removed.connect(self._on_removed)
         session.events.reviewed_changed.connect(self._touch)
+        # a stroke made just before the window closes is saved before it goes
+        self._close_watch = _CloseWatch(self.flush)
+        window = getattr(getattr(viewer, "window", None), "_qt_window", None)
+        if window is not None:
+            window.installEventFilter(self._close_watch)
+
+    def flush(self) -> None:
+        """Write unsaved edits now (the viewer is closing, or the layer is being removed)."""
+        if self.saver is not None:
+            self.saver.flush()
+
+    def _on_removed(self, event: Any) -> None:
+        if self.layer is not None and event.value is self.layer:
+            self.flush()
+            self.saver.stop()
+            self._connect(False)
+            self.layer, self.saver = None, None
 
     # ------------------------------------------------------------------ restore offer
     def _on_inserted(self, event: Any) -> None:
@@ -127,6 +159,8 @@ class Corrections:
             (emitter.connect if on else emitter.disconnect)(self._on_edit)
 
     def _on_edit(self, event: Any) -> None:
+        if event.type != "set_data":  # the user painted: this slice no longer follows the model
+            self._session.follow.discard(self._session.displayed())
         if self.saver is None:
             return
         if event.type == "set_data":  # undo / redo (or a refresh): save only if data changed
@@ -137,6 +171,10 @@ class Corrections:
     def _touch(self) -> None:
         if self.saver is not None:
             self.saver.touch()
+
+    def touch(self) -> None:
+        """The program changed the corrections: autosave them."""
+        self._touch()
 
     def check_displayed(self) -> None:
         """After navigating or undoing: save if the displayed slice differs from the saved one."""

@@ -207,7 +207,11 @@ class SegmentWidget(Container):
         if image not in self._viewer.layers:
             self._set_running(False)
             return
-        s.set_spec(s.card_spec())
+        suggested = s.card_spec()
+        if not s.user_spec:
+            s.set_spec(suggested, from_user=False)
+        elif abs(suggested.threshold - s.spec.threshold) > 1e-6:
+            show_info(T.MSG_KEPT_RULES.format(t=s.spec.threshold, card=suggested.threshold))
         z0 = current_index(self._viewer, image)
         order = [z0] + [z for z in range(n_slices(image)) if z != z0]
         stack, prob = s.begin_prediction(image)

@@ -80,6 +80,10 @@ class Session:
         self.prob: np.ndarray | None = None  # (Z, Y, X) float16
         self.done: np.ndarray | None = None  # (Z,) bool: probabilities available
         self.spec = PostProcess()
+        #: the user has set the rules (threshold, object priors): a new model never resets them
+        self.user_spec = False
+        #: unreviewed slices of the corrections that nobody edited: they follow the prediction
+        self.follow: set[int] = set()
         self.expected_max = 0
         self.counts: dict[int, int] = {}
         self.reviewed: set[int] = set()
@@ -157,6 +161,7 @@ class Session:
         Returns the (Z, Y, X[, C]) image stack and the float16 (Z, Y, X) cache to fill.
         """
         viewer = self.viewer
+        self.follow = self._untouched_slices(image)
         if self.image_name != image.name:
             self.reviewed = set()
             self.events.reviewed_changed.emit()
@@ -193,6 +198,28 @@ class Session:
         self.events.prediction_started.emit()
         return stack, self.prob
 
+    def _untouched_slices(self, image: Image) -> set[int]:
+        """Unreviewed slices whose corrections still equal the prediction (never painted)."""
+        if self.image_name != image.name:
+            return set()
+        corr, pred = self.corr_layer, self.pred_layer
+        if corr is None or pred is None or self.prob is None:
+            return set()
+        self.flush()
+        c, p = self.layer_for(corr), self.layer_for(pred)
+        if c.shape != p.shape:
+            return set()
+        todo = (z for z in range(c.shape[0]) if z not in self.reviewed and self.done[z])
+        return {z for z in todo if np.array_equal(c[z] > 0, p[z] > 0)}
+
+    def _follow_slice(self, z: int, mask: np.ndarray) -> None:
+        """A new mask for slice ``z``: untouched corrections take it too."""
+        corr = self.corr_layer if z in self.follow else None
+        if corr is None:
+            return
+        write_slice(corr, z, mask, displayed=z == self.displayed())
+        self.corrections.touch()
+
     def slice_predicted(self, z: int) -> None:
         """Probabilities of slice ``z`` are final: show them, threshold the slice."""
         if self.done is None or not 0 <= z < self.done.size:
@@ -212,10 +239,18 @@ class Session:
         mask = postprocess_slice(self.prob[z], self.spec)
         write_slice(pred, z, mask, displayed=z == self.displayed())
         self._mask_gen[z] = self._gen
+        self._follow_slice(z, mask)
         self.events.prediction_updated.emit(z)
 
-    def set_spec(self, spec: PostProcess, expected_max: int | None = None) -> None:
-        """New post-processing: the displayed slice at once, the others in the background."""
+    def set_spec(
+        self, spec: PostProcess, expected_max: int | None = None, *, from_user: bool = True
+    ) -> None:
+        """New post-processing: the displayed slice at once, the others in the background.
+
+        ``from_user=False`` is a model's suggestion, applied only until the user sets rules.
+        """
+        if from_user:
+            self.user_spec = True
         if expected_max is not None and expected_max != self.expected_max:
             self.expected_max = expected_max
             self.events.counts_changed.emit()
@@ -274,6 +309,7 @@ class Session:
         if self._mask_gen[z] != gen:
             write_slice(pred, z, mask, displayed=z == self.displayed())
             self._mask_gen[z] = gen
+            self._follow_slice(z, mask)
             self.events.prediction_updated.emit(z)
         self.counts[z] = count
         self.events.counts_changed.emit()
@@ -307,6 +343,8 @@ class Session:
     # ------------------------------------------------------------------ review
     def set_reviewed(self, z: int, reviewed: bool) -> None:
         changed = (z in self.reviewed) != reviewed
+        if reviewed:
+            self.follow.discard(z)
         (self.reviewed.add if reviewed else self.reviewed.discard)(z)
         if changed:
             self.events.reviewed_changed.emit()

@@ -30,6 +30,10 @@ BTN_CANCEL = "Cancel"
 MSG_NO_IMAGE = "Choose an image layer first."
 MSG_NO_FOLDER = "Choose a model folder, or pick another model."
 MSG_PREDICTING = "Predicting slice {z} first, then the rest of the stack…"
+MSG_KEPT_RULES = (
+    "Kept your threshold {t:.2f} and object rules; this model suggests {card:.2f} "
+    "(Threshold & objects ▸ Model's suggestion applies it)."
+)
 MSG_PRED_DONE = "Segmented {n} slice(s) with {model} in {s:.1f} s."
 MSG_PRED_CANCELLED = "Prediction cancelled; {n} slice(s) were finished and kept."
 MSG_BAD_NDIM = (

@@ -1,0 +1,130 @@
+"""The human-in-the-loop without surprises: a new model keeps the user's rules, untouched
+corrections follow the new prediction, and nothing painted is lost when the viewer closes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+from conftest import open_dock  # noqa: E402
+
+from napari_bulbseg import io  # noqa: E402
+
+pytestmark = pytest.mark.gui
+
+
+def _model(tmp_path, name, threshold, shift=0.0):
+    """A seeded untrained U-Net; ``shift`` raises its output logits (more foreground)."""
+    import torch
+
+    from napari_bulbseg.model import ModelCard, UNet, UNetConfig, save_model
+
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(1, 1, 8, 3))
+    name_b, bias = list(net.named_parameters())[-1]
+    assert name_b.endswith("bias")
+    with torch.no_grad():
+        bias += shift
+    return save_model(tmp_path / name, net, ModelCard(name=name, threshold=threshold))
+
+
+def _open_bulbs(viewer, tmp_path, n=4, shape=(64, 64)):
+    from napari_bulbseg.phantom import bulb_phantom
+
+    image, mask = bulb_phantom(n_slices=n, shape=shape, seed=2)
+    path = io.write_tiff(tmp_path / "bulbs.tif", image)
+    io.write_mask(tmp_path / "bulbs_mask.tif", mask)
+    viewer.open(str(path), plugin="napari-bulbseg")
+    return viewer.layers["bulbs"]
+
+
+def _segment_with(seg, qtbot, s, model_dir):
+    from napari_bulbseg._widgets._models import FOLDER
+
+    seg.model.value = next(c for c in seg.model.choices if c.kind == FOLDER)
+    seg.folder.value = model_dir
+    seg.tile.value, seg.overlap.value = 64, 8
+    seg.run()
+    qtbot.waitUntil(lambda: not seg.running and s.done is not None and s.done.all(), timeout=30000)
+    qtbot.waitUntil(lambda: not s.busy, timeout=5000)
+    s.flush()
+
+
+def test_new_model_keeps_rules_and_untouched_corrections_follow(
+    make_napari_viewer, qtbot, tmp_path, bulbseg_home
+):
+    from napari_bulbseg._widgets._session import get_session
+
+    viewer = make_napari_viewer()
+    _open_bulbs(viewer, tmp_path)
+    s = get_session(viewer)
+    seg = open_dock(viewer, "Segment")
+    tw = open_dock(viewer, "Threshold & objects")
+    rw = open_dock(viewer, "Review & correct")
+    _segment_with(seg, qtbot, s, _model(tmp_path, "a", threshold=0.5))
+    assert s.spec.threshold == pytest.approx(0.5)  # the first model's suggestion, unasked
+
+    # the user's rules: their own threshold and keep-1
+    t_user = round(float(np.median(s.prob[0])), 2)
+    tw.threshold.value = t_user
+    tw.keep.value = 1
+    qtbot.waitUntil(lambda: not s.busy, timeout=5000)
+    s.flush()
+
+    corr = rw.start_corrections()
+    viewer.dims.set_point(0, 1)
+    painted = np.zeros(corr.data.shape[1:], np.uint8)
+    painted[5:20, 5:20] = 1
+    yx = np.nonzero(np.ones(painted.shape, bool))
+    corr.data_setitem((np.full(yx[0].shape, 1), *yx), painted[yx])  # a brush stroke on slice 1
+    s.set_reviewed(2, True)  # slice 2: accepted as it is
+    reviewed2 = np.array(corr.data[2], copy=True)
+    old_pred = np.array(s.pred_layer.data, copy=True)
+
+    # --- a new model (as after fine-tuning) with another suggested threshold
+    _segment_with(seg, qtbot, s, _model(tmp_path, "b", threshold=0.3, shift=0.05))
+    assert s.spec.threshold == pytest.approx(t_user) and s.spec.keep_largest == 1
+    assert tw.threshold.value == pytest.approx(t_user) and tw.keep.value == 1
+    assert "0.30" in tw.card_lbl.value  # the suggestion is offered, not imposed
+    new_pred = np.asarray(s.pred_layer.data)
+    assert not np.array_equal(new_pred[[0, 3]], old_pred[[0, 3]])  # the models differ
+    for z in (0, 3):  # never touched, not reviewed: follow the new prediction
+        np.testing.assert_array_equal(corr.data[z], new_pred[z])
+    np.testing.assert_array_equal(corr.data[1], painted)  # painted: kept
+    np.testing.assert_array_equal(corr.data[2], reviewed2)  # reviewed: kept
+
+    # "Model's suggestion" applies the card's threshold when the user asks
+    tw.card_btn.native.click()
+    assert s.spec.threshold == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("how", ["close viewer", "remove layer"])
+def test_stroke_just_before_close_is_saved(make_napari_viewer, qtbot, tmp_path, bulbseg_home, how):
+    from napari_bulbseg._widgets._autosave import CorrectionStore
+    from napari_bulbseg._widgets._session import get_session
+
+    viewer = make_napari_viewer()
+    image = _open_bulbs(viewer, tmp_path)
+    s = get_session(viewer)
+    seg = open_dock(viewer, "Segment")
+    rw = open_dock(viewer, "Review & correct")
+    _segment_with(seg, qtbot, s, _model(tmp_path, "a", threshold=0.5))
+    corr = rw.start_corrections()
+    saver = rw.corrections.saver
+    qtbot.waitUntil(lambda: saver.idle, timeout=5000)
+    store = CorrectionStore(image.name, image.data.shape, image.metadata.get("bulbseg_path"))
+    viewer.dims.set_point(0, 3)
+    stroke = np.zeros(corr.data.shape[1:], np.uint8)
+    stroke[30:40, 30:40] = 1
+    idx = np.nonzero(stroke)
+    new = (1 - corr.data[3][idx]).astype(np.uint8)  # every pixel of the dab changes
+    corr.data_setitem((np.full(idx[0].shape, 3), *idx), new)  # autosave still pending
+    assert not saver.idle
+    if how == "close viewer":
+        viewer.close()
+    else:
+        viewer.layers.remove(corr)
+    mask, _ = store.load()
+    np.testing.assert_array_equal(mask[3][idx], new)  # the stroke is on disk
