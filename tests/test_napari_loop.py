@@ -8,9 +8,8 @@ import pytest
 
 pytest.importorskip("napari")
 
-from conftest import open_dock  # noqa: E402
-
-from napari_bulbseg import io  # noqa: E402
+from conftest import open_dock
+from napari_bulbseg import io
 
 pytestmark = pytest.mark.gui
 
