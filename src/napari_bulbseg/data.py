@@ -23,6 +23,10 @@ import numpy as np
 from . import io as bio
 from .errors import InputError
 from .normalize import Normalization, prepare_image
+from .scale import median_diameter, resize_image, resize_mask, resized_shape
+
+#: training never rescales an image by more than this factor either way (to reach the diameter)
+MAX_TRAIN_ZOOM = 4.0
 
 #: salt of a lineage that has no parent to inherit one from
 DEFAULT_SALT = "napari-bulbseg"
@@ -279,11 +283,25 @@ def prepare_sample(
     norm: Normalization,
     policy: str = "native",
     crop: int | tuple[int, int] | None = None,
+    diameter: float | None = None,
 ) -> Prepared:
-    """Normalise the whole image exactly as prediction does, then (optionally) centre-crop."""
+    """Normalise the whole image exactly as prediction does, then (optionally) centre-crop.
+
+    ``diameter``: rescale image and mask so that the mask's median object (equivalent diameter
+    of its connected components) is ``diameter`` px; images without objects keep their scale,
+    and the factor is limited to ``1/MAX_TRAIN_ZOOM``..``MAX_TRAIN_ZOOM``.
+    """
     img = prepare_image(sample.image, in_channels, norm, policy)
+    m = sample.mask
+    if diameter is not None:
+        d = median_diameter(m)
+        if d is not None:
+            f = float(np.clip(diameter / d, 1.0 / MAX_TRAIN_ZOOM, MAX_TRAIN_ZOOM))
+            shape = resized_shape(m.shape, f)
+            if shape != m.shape:
+                img, m = resize_image(img, shape), resize_mask(m, shape)
     img = _crop_yx(img, crop, channels_first=True)
-    m = _crop_yx(sample.mask, crop, channels_first=False)
+    m = _crop_yx(m, crop, channels_first=False)
     fg = np.argwhere(m > 0).astype(np.int32)
     return Prepared(np.ascontiguousarray(img), np.ascontiguousarray(m), sample.key, fg)
 
@@ -340,6 +358,8 @@ class PatchSampler:
         patch_size: int,
         foreground_fraction: float = 0.5,
         augment: Augment | None = None,
+        scale_range: tuple[float, float] | None = None,
+        weights: Sequence[float] | None = None,
     ) -> None:
         if not prepared:
             raise InputError("No training images", "annotate at least one image")
@@ -350,12 +370,33 @@ class PatchSampler:
         self.patch = int(patch_size)
         self.fg_fraction = float(foreground_fraction)
         self.augment = augment
+        self.scale_range = None
+        if scale_range is not None:
+            lo, hi = (float(v) for v in scale_range)
+            if not (0.1 <= lo <= hi <= 10.0):
+                raise InputError(
+                    f"Invalid scale augmentation range {scale_range!r}",
+                    "give (low, high) zoom factors with 0.1 <= low <= high <= 10, e.g. (0.7, 1.4)",
+                )
+            self.scale_range = (lo, hi) if (lo, hi) != (1.0, 1.0) else None
+        #: the largest crop a patch is cut from (zoom < 1 reads a larger region)
+        self.crop = self.patch
+        if self.scale_range is not None:
+            self.crop = int(np.ceil(self.patch / self.scale_range[0]))
+        self.p = None
+        if weights is not None:
+            w = np.asarray(weights, dtype=np.float64)
+            if w.shape != (len(prepared),) or not np.all(np.isfinite(w)) or (w < 0).any():
+                raise InputError("Sample weights must be one finite weight >= 0 per image", "")
+            if w.sum() <= 0:
+                raise InputError("Sample weights are all zero", "give some image a weight > 0")
+            self.p = w / w.sum()
         self.items = [self._pad(p) for p in prepared]
         self.with_fg = [i for i, p in enumerate(self.items) if len(p[3])]
 
     def _pad(self, p: Prepared) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         _, h, w = p.image.shape
-        ph, pw = max(0, self.patch - h), max(0, self.patch - w)
+        ph, pw = max(0, self.crop - h), max(0, self.crop - w)
         valid = np.ones((h, w), dtype=np.float32)
         if not (ph or pw):
             return p.image, p.mask, valid, p.fg
@@ -373,6 +414,10 @@ class PatchSampler:
         img, mask, valid, fg = self.items[index]
         _, h, w = img.shape
         s = self.patch
+        if self.scale_range is not None:
+            lo, hi = self.scale_range
+            zoom = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+            s = int(np.clip(round(self.patch / zoom), 1, min(h, w)))
         if len(fg) and rng.random() < self.fg_fraction:
             cy, cx = fg[int(rng.integers(len(fg)))]
             y0 = int(np.clip(cy - s // 2, 0, h - s))
@@ -382,6 +427,13 @@ class PatchSampler:
             x0 = int(rng.integers(w - s + 1))
         sl = (slice(y0, y0 + s), slice(x0, x0 + s))
         out = img[(slice(None), *sl)], mask[sl][None], valid[sl][None]
+        if s != self.patch:  # scale augmentation: the region is resized to the patch
+            size = (self.patch, self.patch)
+            out = (
+                resize_image(out[0], size),
+                resize_mask(out[1][0], size)[None],
+                (resize_image(out[2][0], size) >= 0.5).astype(np.float32)[None],
+            )
         if self.augment is not None:
             return self.augment(*out, rng)
         return np.array(out[0]), np.array(out[1]), np.array(out[2])
@@ -392,7 +444,10 @@ class PatchSampler:
         """``(images (N,C,s,s) float32, masks (N,1,s,s) float32, valid (N,1,s,s) float32)``."""
         imgs, masks, valids = [], [], []
         for _ in range(batch_size):
-            i = int(rng.integers(len(self.items)))
+            if self.p is None:
+                i = int(rng.integers(len(self.items)))
+            else:
+                i = int(rng.choice(len(self.items), p=self.p))
             img, m, v = self.patch_at(i, rng)
             imgs.append(img)
             masks.append(m)

@@ -35,7 +35,9 @@ from .normalize import Normalization
 CARD_NAME = "model.json"
 WEIGHTS_NAME = "weights.safetensors"
 CARD_FORMAT = "napari-bulbseg-model"
-CARD_FORMAT_VERSION = 1
+#: 2 added ``diameter`` and the normalisation's ``polarity`` / ``noise_floor`` (version-1 cards
+#: read as before: no rescaling, bright objects, no noise floor)
+CARD_FORMAT_VERSION = 2
 #: file suffixes of pickled PyTorch / Python objects, refused without being opened
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
 
@@ -187,6 +189,8 @@ class ModelCard:
     #: that the first layer was widened from a model with fewer channels
     channel_policy: str = "native"
     threshold: float = 0.5
+    #: median object diameter (px) the model was trained at; None: unknown (no rescaling)
+    diameter: float | None = None
     postprocess: dict[str, Any] = field(
         default_factory=lambda: {"min_size": 0, "fill_holes": False, "keep_largest": 0}
     )
@@ -271,6 +275,7 @@ class ModelCard:
                 f"{source} has an unknown channel policy {card.channel_policy!r}",
                 f"use one of {', '.join(CHANNEL_POLICIES)}, or re-export the model",
             )
+        card.diameter = _check_card_diameter(card.diameter, source)
         _check_card_postprocess(card, source)
         _weights_file_name(card, source)
         return card
@@ -291,6 +296,19 @@ _CARD_FIELD_TYPES: dict[str, type] = {
     "software": dict,
     "weights": dict,
 }
+
+
+def _check_card_diameter(d: Any, source: str) -> float | None:
+    """The card's trained object diameter: None, or a finite number of pixels in (0, 10000]."""
+    if d is None:
+        return None
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < float(d) <= 1e4:
+        raise ModelError(
+            f"{source} has an invalid object diameter {d!r}",
+            "the diameter (px) the model was trained at must be a number > 0 (or null when "
+            "unknown); fix model.json or re-export the model",
+        )
+    return float(d)
 
 
 def _check_card_postprocess(card: ModelCard, source: str) -> None:

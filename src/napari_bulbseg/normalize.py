@@ -17,6 +17,9 @@ from .errors import InputError, ModelError
 _PERCENTILE_SAMPLE_PIXELS = 1 << 20
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 METHODS = ("percentile", "minmax", "none")
+#: which way objects go: "bright" on a dark background (fluorescence), "dark" on a bright one
+#: (brightfield, stained tissue: inverted before scaling), "auto" (decided per image)
+POLARITIES = ("bright", "dark", "auto")
 #: how an image's channels are brought to a model's input channels; "adapted" (a model whose
 #: first layer was widened to the images' channels by fine-tuning) takes them as "native"
 CHANNEL_POLICIES = ("native", "luminance", "replicate", "adapted")
@@ -24,19 +27,29 @@ CHANNEL_POLICIES = ("native", "luminance", "replicate", "adapted")
 
 @dataclass(frozen=True)
 class Normalization:
-    """Per-image, per-channel intensity scaling: ``low``/``high`` percentiles map to 0/1."""
+    """Per-image, per-channel intensity scaling: ``low``/``high`` percentiles map to 0/1.
+
+    ``polarity``: ``"bright"`` objects (no change), ``"dark"`` objects (the channel is inverted
+    before scaling) or ``"auto"``: inverted when the image looks like a bright background (its
+    median is nearer the ``high`` percentile than the ``low`` one: :func:`is_bright_background`).
+    ``noise_floor``: the percentile range is at least ``noise_floor`` × the image's noise
+    (:func:`noise_sigma`), so an empty, constant or pure-noise image is not stretched into
+    objects; 0 (the default, and what cards without the field mean) turns the floor off.
+    """
 
     method: str = "percentile"
     low: float = 1.0
     high: float = 99.8
+    polarity: str = "bright"
+    noise_floor: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("low", "high"):
+        for name in ("low", "high", "noise_floor"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
                 raise ModelError(
                     f"Normalisation setting {name}={v!r} is not a number",
-                    "use percentiles such as low=1, high=99.8",
+                    "use percentiles such as low=1, high=99.8 and a noise_floor such as 0 or 10",
                 )
         if not isinstance(self.method, str) or self.method not in METHODS:
             raise ModelError(
@@ -48,13 +61,47 @@ class Normalization:
                 f"Invalid normalisation percentiles low={self.low}, high={self.high}",
                 "they must satisfy 0 <= low < high <= 100",
             )
+        if not isinstance(self.polarity, str) or self.polarity not in POLARITIES:
+            raise ModelError(
+                f"Unknown normalisation polarity {self.polarity!r}",
+                f"use one of {', '.join(POLARITIES)} (objects brighter or darker than the "
+                "background, or detected per image)",
+            )
+        if not (np.isfinite(self.noise_floor) and 0.0 <= self.noise_floor <= 1e6):
+            raise ModelError(
+                f"Invalid normalisation noise_floor={self.noise_floor!r}",
+                "use a finite number >= 0 (0 = no floor; e.g. 10 = at least 10 noise sigmas)",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Normalization:
-        return cls(**{k: d[k] for k in ("method", "low", "high") if k in d})
+        keys = ("method", "low", "high", "polarity", "noise_floor")
+        return cls(**{k: d[k] for k in keys if k in d})
+
+
+def noise_sigma(x: np.ndarray) -> float:
+    """A robust estimate of a 2D plane's pixel noise (standard deviation).
+
+    The median absolute difference of horizontally neighbouring pixels, / (0.6745 √2): flat
+    background dominates the median, so objects and edges barely move it.
+    """
+    a = np.asarray(x, dtype=np.float32)
+    if a.ndim != 2 or a.shape[1] < 2:
+        return 0.0
+    d = np.abs(np.diff(a, axis=1))
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return 0.0
+    return float(np.median(d)) / (0.6745 * np.sqrt(2.0))
+
+
+def is_bright_background(sample: np.ndarray, low: float = 1.0, high: float = 99.8) -> bool:
+    """True when a plane's median is nearer its ``high`` percentile than its ``low`` one."""
+    lo, med, hi = np.percentile(sample, [low, 50.0, high])
+    return bool((med - lo) > (hi - med))
 
 
 def _subsample(x: np.ndarray) -> np.ndarray:
@@ -86,22 +133,34 @@ def normalize_channel(
         if not all_finite:
             out[~np.isfinite(out)] = 0.0
         return out
-    sample = _subsample(out)
-    if not all_finite:
-        sample = sample[np.isfinite(sample)]
-        if sample.size == 0:
-            sample = out[np.isfinite(out)]
-        if sample.size == 0:
-            raise InputError(
-                "The image has no finite pixel values (all NaN or infinite)",
-                "check the file or the step that produced it",
-            )
+
+    def finite_sample() -> np.ndarray:
+        sample = _subsample(out)
+        if not all_finite:
+            sample = sample[np.isfinite(sample)]
+            if sample.size == 0:
+                sample = out[np.isfinite(out)]
+            if sample.size == 0:
+                raise InputError(
+                    "The image has no finite pixel values (all NaN or infinite)",
+                    "check the file or the step that produced it",
+                )
+        return sample
+
+    sample = finite_sample()
+    if norm.polarity == "dark" or (
+        norm.polarity == "auto" and is_bright_background(sample, norm.low, norm.high)
+    ):
+        np.negative(out, out=out)  # objects darker than the background: invert first
+        sample = finite_sample()
     if norm.method == "percentile":
         lo, hi = np.percentile(sample, [norm.low, norm.high])
     else:
         lo, hi = float(np.min(sample)), float(np.max(sample))
-    del sample
     scale = float(hi - lo)
+    if norm.noise_floor > 0:
+        scale = max(scale, norm.noise_floor * noise_sigma(_subsample(out)))
+    del sample
     non_finite = None if all_finite else ~np.isfinite(out)
     if not np.isfinite(scale) or scale <= 1e-12 * max(1.0, abs(float(hi))):
         # constant (or nearly) image: nothing to segment, map to zeros rather than divide by 0

@@ -77,6 +77,9 @@ class TrainConfig:
     (1-channel model → RGB images), ``"convert"`` feeds the luminance instead. ``freeze_bn``:
     keep BatchNorm running statistics fixed (``"auto"`` = when fine-tuning a model).
     ``base_channels`` / ``depth`` / ``normalization`` only apply when training from scratch.
+    ``diameter``: rescale every image so its median object (from the mask) is this many pixels
+    across, and record it in the card (fine-tuning uses the base model's diameter instead);
+    ``scale_range``: random zoom ``(low, high)`` of each patch on top (scale augmentation).
     """
 
     epochs: int = 20
@@ -107,6 +110,8 @@ class TrainConfig:
     depth: int = 4
     normalization: dict[str, Any] | None = None
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    diameter: float | None = None
+    scale_range: tuple[float, float] | None = None
 
     def validate(self) -> None:
         """Raise :class:`InputError` naming the first invalid setting."""
@@ -144,6 +149,20 @@ class TrainConfig:
             raise InputError("Patience settings must be >= 0", "use 0 to disable early stopping")
         if not self.thresholds or not all(0.0 < t < 1.0 for t in self.thresholds):
             raise bad("thresholds", "give thresholds strictly between 0 and 1")
+        if self.diameter is not None and (
+            isinstance(self.diameter, bool)
+            or not isinstance(self.diameter, (int, float))
+            or not 0.0 < self.diameter <= 1e4
+        ):
+            raise bad("diameter", "give the target object diameter in pixels (> 0), or None")
+        if self.scale_range is not None:
+            sr = self.scale_range
+            if (
+                len(sr) != 2
+                or not all(isinstance(v, (int, float)) for v in sr)
+                or not (0.1 <= sr[0] <= sr[1] <= 10.0)
+            ):
+                raise bad("scale_range", "give (low, high) zoom factors, e.g. (0.7, 1.4), or None")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -156,6 +175,8 @@ class TrainConfig:
         kw = {k: v for k, v in d.items() if k in known}
         if "thresholds" in kw:
             kw["thresholds"] = tuple(kw["thresholds"])
+        if kw.get("scale_range") is not None:
+            kw["scale_range"] = tuple(kw["scale_range"])
         return cls(**kw)
 
 
@@ -370,6 +391,7 @@ def iter_train(
     cancel: Any = None,
     description: str = "",
     make_current: bool = True,
+    sample_weights: dict[str, float] | None = None,
 ) -> Generator[TrainProgress, None, TrainResult]:
     """Train (``base=None``) or fine-tune ``base`` on ``samples``; yield progress; return result.
 
@@ -378,6 +400,8 @@ def iter_train(
     ``registry`` as a new version (made current when ``make_current``) or into the new folder
     ``output_dir``; with neither it is only returned. ``cancel`` is a ``threading.Event`` or a
     callable returning True to stop (raises :class:`CancelledError`, nothing written).
+    ``sample_weights`` maps sample keys to how often their patches are drawn (relative; keys
+    not in it weigh 1), e.g. to balance sources of different sizes.
     """
     config.validate()
     if registry is not None and output_dir is not None:
@@ -396,7 +420,7 @@ def iter_train(
     try:
         result = yield from _train(
             config, samples, val_samples, base, name, registry, output_dir, cancel, description,
-            make_current,
+            make_current, sample_weights,
         )  # fmt: skip
     finally:
         if config.num_threads:
@@ -415,6 +439,7 @@ def _train(
     cancel: Any,
     description: str,
     make_current: bool,
+    sample_weights: dict[str, float] | None = None,
 ) -> Generator[TrainProgress, None, TrainResult]:
     t0 = time.perf_counter()
     device = select_device(config.device)
@@ -455,13 +480,20 @@ def _train(
     if freeze_bn:
         _set_bn_eval(model)
 
-    train_p = [prepare_sample(s, in_c, norm, prep, config.center_crop) for s in train_s]
-    val_p = [prepare_sample(s, in_c, norm, prep, config.center_crop) for s in val_s]
+    diameter = config.diameter if base is None else base.card.diameter
+    crop = config.center_crop
+    train_p = [prepare_sample(s, in_c, norm, prep, crop, diameter) for s in train_s]
+    val_p = [prepare_sample(s, in_c, norm, prep, crop, diameter) for s in val_s]
+    weights = None
+    if sample_weights:
+        weights = [float(sample_weights.get(s.key, 1.0)) for s in train_s]
     sampler = PatchSampler(
         train_p,
         config.patch_size,
         config.foreground_fraction,
         Augment() if config.augment else None,
+        scale_range=config.scale_range,
+        weights=weights,
     )
     loss_fn = make_loss(config.loss, **config.loss_params)
     opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
@@ -650,6 +682,7 @@ def _train(
         normalization=norm.to_dict(),
         channel_policy=policy,
         threshold=thr,
+        diameter=diameter,
         postprocess=dict(base.card.postprocess) if base is not None else ModelCard().postprocess,
         threshold_curve=curve,
         metrics={"val": val_metrics, "best_epoch": best_epoch},
@@ -711,13 +744,19 @@ def evaluate_model(
     samples: Sequence[Sample],
     threshold: float | None = None,
     policy: str | None = None,
+    diameter: float | str | None = None,
 ) -> dict[str, float]:
     """Pooled pixel Dice/IoU/precision/recall of a model on samples, normalised like prediction
     (whole images, float16 probabilities, ``p >= threshold``).
 
     ``policy`` overrides the card's channel policy (e.g. ``"luminance"`` for RGB images on a
-    grey model); ``threshold`` defaults to the card's.
+    grey model); ``threshold`` defaults to the card's. ``diameter`` (needs a card diameter):
+    ``None`` runs at the image's own scale; a number (px) or ``"mask"`` (each image's true
+    median object diameter, an oracle) rescales the image by ``card.diameter / diameter`` for
+    the U-Net and the probabilities back to the image's shape, scored at the original size.
     """
+    from .scale import back_to_shape, median_diameter, resize_image, resized_shape, zoom_factor
+
     thr = loaded.card.threshold if threshold is None else float(threshold)
     pol = _prep_policy(policy or loaded.card.channel_policy)
     model = loaded.model.eval()
@@ -725,8 +764,14 @@ def evaluate_model(
     with torch.no_grad():
         for s in samples:
             img = prepare_image(s.image, loaded.card.in_channels, loaded.card.norm, pol)
-            logits = _predict_prob(model, img, loaded.device)
-            prob = torch.sigmoid(logits).to(torch.float16).cpu().numpy()
+            d = median_diameter(s.mask) if diameter == "mask" else diameter
+            f = zoom_factor(loaded.card.diameter, d)
+            shape = s.mask.shape
+            if f != 1.0:
+                img = resize_image(img, resized_shape(shape, f))
+            logits = _predict_prob(model, np.ascontiguousarray(img), loaded.device)
+            prob = torch.sigmoid(logits).cpu().numpy()
+            prob = back_to_shape(prob, shape).astype(np.float16)
             a, b, c = pooled_counts(prob, s.mask, thr)
             tp, fp, fn = tp + a, fp + b, fn + c
     return {

@@ -1,0 +1,101 @@
+"""Object scale: the median object diameter of a mask, and resizing images and masks.
+
+A model is trained with its images rescaled so that the median object has the card's
+``diameter`` (px); prediction rescales the user's image by ``trained / diameter`` before the
+U-Net and brings the probabilities back to the input's exact shape (see ``inference``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .errors import InputError
+
+#: objects smaller than this (pixels) are ignored when measuring the median diameter (noise)
+MIN_OBJECT_PIXELS = 9
+#: prediction never rescales by more than this factor either way
+MAX_ZOOM = 8.0
+
+
+def object_diameters(mask: np.ndarray, min_pixels: int = MIN_OBJECT_PIXELS) -> np.ndarray:
+    """Equivalent diameters ``2 sqrt(area / pi)`` (px) of a binary mask's connected objects."""
+    m = np.asarray(mask) > 0
+    if m.ndim != 2:
+        raise InputError(f"Expected a 2D mask, got shape {m.shape}", "pass one slice at a time")
+    labels, n = ndi.label(m)
+    if n == 0:
+        return np.zeros(0, dtype=np.float64)
+    areas = np.bincount(labels.ravel())[1:]
+    areas = areas[areas >= min_pixels]
+    return 2.0 * np.sqrt(areas / math.pi)
+
+
+def median_diameter(mask: np.ndarray, min_pixels: int = MIN_OBJECT_PIXELS) -> float | None:
+    """The median equivalent diameter (px) of a mask's objects, or None when it has none."""
+    d = object_diameters(mask, min_pixels)
+    return float(np.median(d)) if d.size else None
+
+
+def check_diameter(diameter: float, shape: tuple[int, ...]) -> float:
+    """Validate a user's object diameter (px) against an image's ``(…, Y, X)`` shape.
+
+    Valid: a finite number > 0 and no larger than the image's shorter side.
+    """
+    side = int(min(shape[-2:]))
+    try:
+        d = float(diameter)
+    except (TypeError, ValueError):
+        d = math.nan
+    if isinstance(diameter, bool) or not math.isfinite(d) or d <= 0 or d > side:
+        raise InputError(
+            f"Object diameter {diameter!r} is not valid for an image of {shape[-2]}×{shape[-1]} px",
+            f"give a number of pixels greater than 0 and at most {side} (the image's shorter "
+            "side), or 'auto'",
+        )
+    return d
+
+
+def zoom_factor(trained: float | None, diameter: float | None) -> float:
+    """The factor that brings objects of ``diameter`` px to the ``trained`` px (1 = none)."""
+    if trained is None or diameter is None:
+        return 1.0
+    return float(np.clip(trained / diameter, 1.0 / MAX_ZOOM, MAX_ZOOM))
+
+
+def resized_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
+    """``(Y, X)`` scaled by ``factor``, at least 1 px each."""
+    return (max(1, round(shape[0] * factor)), max(1, round(shape[1] * factor)))
+
+
+def resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Linear resize of a ``(C, Y, X)`` (or ``(Y, X)``) float image to ``shape`` (Y, X)."""
+    import torch
+    import torch.nn.functional as F
+
+    img = np.asarray(image, dtype=np.float32)
+    squeeze = img.ndim == 2
+    x = torch.from_numpy(np.ascontiguousarray(img[None] if squeeze else img))[None]
+    if tuple(x.shape[-2:]) == tuple(shape):
+        return img.copy()
+    out = F.interpolate(x, size=tuple(int(s) for s in shape), mode="bilinear", align_corners=False)
+    out = out[0].numpy()
+    return out[0] if squeeze else out
+
+
+def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize a binary ``(Y, X)`` mask to ``shape``: linear interpolation, then ``>= 0.5``."""
+    m = np.asarray(mask, dtype=np.float32)
+    if m.shape == tuple(shape):
+        return (m > 0).astype(np.uint8)
+    return (resize_image((m > 0).astype(np.float32), shape) >= 0.5).astype(np.uint8)
+
+
+def back_to_shape(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Probabilities ``(Y', X')`` computed on a rescaled image, brought back to ``shape``
+    (linear interpolation; the exact input shape, whatever the rounding of the rescale)."""
+    if prob.shape == tuple(shape):
+        return prob
+    return np.clip(resize_image(prob.astype(np.float32), shape), 0.0, 1.0)
