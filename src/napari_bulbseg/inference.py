@@ -37,6 +37,15 @@ from .errors import InputError, ModelError
 from .events import Progress, drain
 from .model import LoadedModel
 from .normalize import convert_channels, prepare_image
+from .postprocess import threshold_prob
+from .scale import (
+    back_to_shape,
+    check_diameter,
+    object_diameters,
+    resize_image,
+    resized_shape,
+    zoom_factor,
+)
 from .tiling import BLEND_MODES, TileGrid, blend_window, make_grid
 
 PROB_DTYPES = ("float16", "uint8", "float32")
@@ -450,9 +459,14 @@ def _run(
     indices: list[int],
     loaded: LoadedModel,
     sink: Callable[[int, np.ndarray], None],
+    note: str = "",
 ) -> Generator[Progress, None, None]:
     """Predict ``indices`` of ``source`` tile batch by tile batch, handing each finished slice
-    (float32 (Y, X)) to ``sink``; yields Progress after each batch."""
+    (float32 (Y, X), the source's exact shape) to ``sink``; yields Progress after each batch.
+
+    When the engine's plan is for another size than the source's (a diameter was given), each
+    normalised slice is resized to it and its probabilities back to the source's size.
+    ``note`` prefixes every progress message (e.g. the diameter used)."""
     options = engine.options
     card = loaded.card
     plan = engine.plan
@@ -467,15 +481,19 @@ def _run(
     done = 0
     n_done_slices = 0
 
+    rescaled = tuple(source.shape) != (h, w)
+
     def open_job(z: int) -> _SliceJob:
         x = prepare_image(
             source.plane(z), card.in_channels, card.norm, card.channel_policy, rgb=source.rgb
         )
-        if x.shape[1:] != (h, w):
+        if x.shape[1:] != tuple(source.shape):
             raise InputError(
-                f"Slice {z} has shape {x.shape[1:]}, unlike the stack's {(h, w)}",
+                f"Slice {z} has shape {x.shape[1:]}, unlike the stack's {tuple(source.shape)}",
                 "all slices of a stack must have the same size",
             )
+        if rescaled:
+            x = resize_image(x, (h, w))
         t = torch.from_numpy(np.ascontiguousarray(x))[None].to(engine.device)
         if (hp, wp) != (h, w):
             t = F.pad(t, (0, wp - w, 0, hp - h), mode=plan.pad_mode)
@@ -509,7 +527,8 @@ def _run(
                         continue
                     prob = job.acc.div_(engine.weight_sum(grid))[:h, :w]
                 if job.remaining == 0:
-                    sink(z, prob.clamp(0.0, 1.0).cpu().numpy())
+                    p = prob.clamp(0.0, 1.0).cpu().numpy()
+                    sink(z, back_to_shape(p, source.shape) if rescaled else p)
                     del live[z]
                     finished.append(z)
         done += len(batch)
@@ -520,14 +539,117 @@ def _run(
         else:
             tile_no = per_slice - live[z_last].remaining
             msg = f"Slice {z_last}: {tile_no}/{per_slice} tiles"
-        notes = engine.take_notes()
+        notes = " — ".join(n for n in (note, engine.take_notes()) if n)
         yield Progress(done, total, f"{notes} — {msg}" if notes else msg, z_last)
 
 
+# --------------------------------------------------------------------------- object scale
+
+#: ``auto`` measures the objects on at most this many slices of a stack (spread evenly)
+AUTO_SLICES = 3
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The object diameter a prediction used: ``diameter`` px (None: the image's own scale),
+    the ``zoom`` applied before the U-Net, and a sentence for the user."""
+
+    diameter: float | None
+    zoom: float
+    message: str
+
+
+def _check_diameter_arg(loaded: LoadedModel, diameter: Any, shape: tuple[int, int]) -> None:
+    """Validate ``diameter`` (None, a number of px, or ``"auto"``) before any work."""
+    if diameter is None:
+        return
+    if isinstance(diameter, str) and diameter.strip().lower() == "auto":
+        return
+    if isinstance(diameter, str):
+        try:
+            diameter = float(diameter)
+        except ValueError:
+            raise InputError(
+                f"Object diameter {diameter!r} is not a number",
+                f"give a number of pixels in (0, {min(shape)}] or 'auto'",
+            ) from None
+    check_diameter(diameter, shape)
+    if loaded.card.diameter is None:
+        raise InputError(
+            "This model does not record the object diameter it was trained at, so it cannot "
+            "rescale images to it",
+            "leave the diameter empty (use the image's own scale), or use a model trained with "
+            "a diameter (the bundled default is)",
+        )
+
+
+def _is_auto(diameter: Any) -> bool:
+    return isinstance(diameter, str) and diameter.strip().lower() == "auto"
+
+
+def fixed_scale(loaded: LoadedModel, diameter: float | None, shape: tuple[int, int]) -> Scale:
+    """The :class:`Scale` for a given diameter (px) or None (the image's own scale)."""
+    trained = loaded.card.diameter
+    if diameter is None:
+        return Scale(None, 1.0, "")
+    d = check_diameter(diameter, shape)
+    z = zoom_factor(trained, d)
+    return Scale(d, z, f"diameter {d:g} px (model trained at {trained:g} px: zoom ×{z:.3g})")
+
+
+def iter_auto_scale(
+    engine: _Engine, source: _Source, indices: list[int], loaded: LoadedModel
+) -> Generator[Progress, None, Scale]:
+    """``auto``: predict up to :data:`AUTO_SLICES` slices at the trained scale, threshold them
+    with the card's threshold, take the median equivalent diameter of the objects found.
+
+    No objects: says so and keeps the trained scale (zoom 1)."""
+    trained = loaded.card.diameter
+    if trained is None:
+        return Scale(None, 1.0, "")
+    pick = indices
+    if len(indices) > AUTO_SLICES:
+        at = np.linspace(0, len(indices) - 1, AUTO_SLICES).round().astype(int)
+        pick = [indices[i] for i in at]
+    diams: list[np.ndarray] = []
+
+    def sink(_z: int, p: np.ndarray) -> None:
+        diams.append(object_diameters(threshold_prob(p, loaded.card.threshold)))
+
+    yield from _run(engine, source, pick, loaded, sink, note="diameter auto: first pass")
+    found = np.concatenate(diams) if diams else np.zeros(0)
+    if found.size == 0:
+        return Scale(
+            None,
+            1.0,
+            f"diameter auto: no objects found at the trained scale; using the trained scale "
+            f"({trained:g} px, no rescaling)",
+        )
+    d = float(np.median(found))
+    d = float(np.clip(d, 1.0, min(source.shape)))
+    z = zoom_factor(trained, d)
+    return Scale(
+        d, z, f"diameter auto: {d:.1f} px measured (model trained at {trained:g} px: zoom ×{z:.3g})"
+    )
+
+
+def _scaled_engine(
+    loaded: LoadedModel, options: PredictOptions, source: _Source, scale: Scale, base: _Engine
+) -> _Engine:
+    if scale.zoom == 1.0:
+        return base
+    return _Engine(loaded, options, resized_shape(source.shape, scale.zoom))
+
+
 def iter_predict_slice(
-    loaded: LoadedModel, image2d: np.ndarray, options: PredictOptions | None = None
+    loaded: LoadedModel,
+    image2d: np.ndarray,
+    options: PredictOptions | None = None,
+    diameter: float | str | None = None,
 ) -> Generator[Progress, None, np.ndarray]:
-    """Predict one 2D image ``(Y, X)`` or ``(Y, X, C)``; returns float32 probabilities (Y, X)."""
+    """Predict one 2D image ``(Y, X)`` or ``(Y, X, C)``; returns float32 probabilities (Y, X).
+
+    ``diameter``: see :func:`iter_predict`."""
     options = options or PredictOptions()
     _check_loaded(loaded)
     img = np.asarray(image2d)
@@ -538,15 +660,26 @@ def iter_predict_slice(
         )
     source = _as_source(img[None])
     _check_channels(loaded, source)
+    _check_diameter_arg(loaded, diameter, source.shape)
     engine = _Engine(loaded, options, source.shape)
-    return _slice_job(engine, source, loaded)
+    return _slice_job(engine, source, loaded, diameter)
+
+
+def _resolve_scale(
+    engine: _Engine, source: _Source, indices: list[int], loaded: LoadedModel, diameter: Any
+) -> Generator[Progress, None, Scale]:
+    if _is_auto(diameter):
+        return (yield from iter_auto_scale(engine, source, indices, loaded))
+    return fixed_scale(loaded, None if diameter is None else float(diameter), source.shape)
 
 
 def _slice_job(
-    engine: _Engine, source: _Source, loaded: LoadedModel
+    engine: _Engine, source: _Source, loaded: LoadedModel, diameter: Any = None
 ) -> Generator[Progress, None, np.ndarray]:
     result: list[np.ndarray] = []
-    yield from _run(engine, source, [0], loaded, lambda _z, p: result.append(p))
+    scale = yield from _resolve_scale(engine, source, [0], loaded, diameter)
+    eng = _scaled_engine(loaded, engine.options, source, scale, engine)
+    yield from _run(eng, source, [0], loaded, lambda _z, p: result.append(p), scale.message)
     return result[0]
 
 
@@ -556,8 +689,16 @@ def iter_predict(
     options: PredictOptions | None = None,
     out: Any = None,
     slices: Sequence[int] | None = None,
+    diameter: float | str | None = None,
+    on_scale: Callable[[Scale], Any] | None = None,
 ) -> Generator[Progress, None, Any]:
     """Predict a stack slice by slice; a generator of Progress returning probabilities (Z, Y, X).
+
+    ``diameter``: the objects' diameter in pixels; the image is rescaled by ``card.diameter /
+    diameter`` for the U-Net and the probabilities come back at the input's exact size. None
+    (default): the image's own scale, as before. ``"auto"``: measured by a first pass at the
+    trained scale (see :func:`iter_auto_scale`). ``on_scale`` is called once with the
+    :class:`Scale` used (its message is also the prefix of every progress message).
 
     ``stack``: an array (Z, Y, X) / (Z, Y, X, C) (a 2D array is one slice), or an ``io.Stack``
     (anything with ``.data``, ``.rgb`` and ``.plane(i)``; lazy stacks are read one plane at a
@@ -585,8 +726,9 @@ def iter_predict(
             "give `out` the stack's (Z, Y, X) shape",
         )
     encode = _encoder(np.dtype(out.dtype))
+    _check_diameter_arg(loaded, diameter, source.shape)
     engine = _Engine(loaded, options, source.shape)
-    return _stack_job(engine, source, indices, loaded, out, encode)
+    return _stack_job(engine, source, indices, loaded, out, encode, diameter, on_scale)
 
 
 def _stack_job(
@@ -596,12 +738,18 @@ def _stack_job(
     loaded: LoadedModel,
     out: Any,
     encode: Callable[[np.ndarray], np.ndarray],
+    diameter: Any = None,
+    on_scale: Callable[[Scale], Any] | None = None,
 ) -> Generator[Progress, None, Any]:
     def sink(z: int, p: np.ndarray) -> None:
         out[z] = encode(p)
 
     if indices:
-        yield from _run(engine, source, indices, loaded, sink)
+        scale = yield from _resolve_scale(engine, source, indices, loaded, diameter)
+        if on_scale is not None:
+            on_scale(scale)
+        eng = _scaled_engine(loaded, engine.options, source, scale, engine)
+        yield from _run(eng, source, indices, loaded, sink, scale.message)
     return out
 
 
@@ -613,21 +761,30 @@ def predict(
     out: Any = None,
     slices: Sequence[int] | None = None,
     callback: Callable[[Progress], Any] | None = None,
+    diameter: float | str | None = None,
 ) -> Any:
     """Predict a stack to the end (see :func:`iter_predict`); ``callback`` gets each Progress."""
-    return drain(iter_predict(loaded, stack, options, out=out, slices=slices), callback)
+    return drain(
+        iter_predict(loaded, stack, options, out=out, slices=slices, diameter=diameter), callback
+    )
 
 
 def predict_slice(
-    loaded: LoadedModel, image2d: np.ndarray, options: PredictOptions | None = None
+    loaded: LoadedModel,
+    image2d: np.ndarray,
+    options: PredictOptions | None = None,
+    diameter: float | str | None = None,
 ) -> np.ndarray:
     """Predict one 2D image to the end; float32 probabilities (Y, X)."""
-    return drain(iter_predict_slice(loaded, image2d, options))
+    return drain(iter_predict_slice(loaded, image2d, options, diameter))
 
 
 __all__ = [
     "PROB_DTYPES",
     "PredictOptions",
+    "Scale",
+    "fixed_scale",
+    "iter_auto_scale",
     "iter_predict",
     "iter_predict_slice",
     "predict",
