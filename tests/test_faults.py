@@ -446,8 +446,8 @@ def test_interrupt_while_writing_leaves_no_mask(tmp_path, tiny_model_dir, capsys
         ["predict", str(img), "-o", str(out), "--model", str(tiny_model_dir), "--device", "cpu"]
     )
     assert rc == 130
-    # no mask, no temp file
-    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "a_prob.tif"]
+    # no mask, no temp file, and no probability map without its mask
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST]
 
 
 def test_cancel_fine_tune_at_every_stage(home):

@@ -332,7 +332,8 @@ def test_oom_halves_batch(tiny, monkeypatch):
     monkeypatch.setattr(inference, "_forward", fake)
     events: list[Progress] = []
     got = predict(tiny, img, opts, callback=events.append)
-    np.testing.assert_allclose(got, ref, atol=1e-6)
+    # batch 1 vs batch 4: float32 convolutions may sum in another order (seen: 1.25e-6)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
     assert sizes[:3] == [4, 2, 1] and set(sizes[3:]) == {1}
     assert "batch size reduced to 2" in events[0].message
     assert "batch size reduced to 1" in events[0].message

@@ -117,3 +117,67 @@ def test_a_folders_ground_truth_masks_are_not_predicted(capsys, stack_with_truth
     assert rc == 0, err
     assert "skipping 1 ground-truth mask" in err
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "stack_mask.tif"]
+
+
+_CHILD = """
+import sys, time
+from napari_bulbseg import inference
+from napari_bulbseg.cli import main
+real = inference._forward
+def slow(net, x, amp):
+    print("predicting", flush=True)
+    time.sleep(0.5)
+    return real(net, x, amp)
+inference._forward = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_stops_predict_like_ctrl_c(tmp_path, tiny_model_dir):
+    """SIGTERM (timeout, SLURM, dask) leaves no temp file and no probability map without mask."""
+    import signal
+    import subprocess
+    import sys
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a", "b"):
+        tifffile.imwrite(inputs / f"{name}.tif", np.zeros((3, 48, 48), np.uint16))
+    out = tmp_path / "out"
+    argv = ["predict", str(inputs), "-o", str(out), "--model", str(tiny_model_dir)]
+    argv += ["--device", "cpu", "--batch-size", "1", "--tile", "64", "--overlap", "8"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "predicting"  # inside the first forward pass
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "terminated" in err and "Traceback" not in err
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if n.endswith(".tmp")]
+    for n in names:
+        if n.endswith("_prob.tif"):
+            assert n.replace("_prob", "_mask") in names
+
+
+def test_stale_temp_files_of_ours_are_removed_on_the_next_run(capsys, tmp_path, tiny_model_dir):
+    src = tmp_path / "stack.tif"
+    tifffile.imwrite(src, np.zeros((40, 40), np.uint16))
+    out = tmp_path / "out"
+    out.mkdir()
+    ours = out / ".stack_prob.tif.ab12cd34.tmp"  # left by a killed run
+    theirs = out / ".notes.txt.ab12cd34.tmp"  # somebody else's
+    fresh = out / ".stack_mask.tif.zz99yy88.tmp"  # maybe another run writing right now
+    for p in (ours, theirs, fresh):
+        p.write_bytes(b"x")
+    for p in (ours, theirs):
+        os.utime(p, (1_000_000_000, 1_000_000_000))
+    assert _predict(capsys, src, "-o", out, "--model", tiny_model_dir)[0] == 0
+    assert not ours.exists() and theirs.exists() and fresh.exists()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -210,14 +213,18 @@ def _predict_options(args: argparse.Namespace) -> Any:
     return PredictOptions(**kw)
 
 
-def _predict_one(path: Path, loaded: Any, options: Any, label: str) -> tuple[Any, Any]:
-    """Read one stack and predict it; returns (stack, probabilities)."""
+def _predict_one(
+    path: Path, loaded: Any, options: Any, label: str, diameter: Any = None
+) -> tuple[Any, Any, Any]:
+    """Read one stack and predict it; returns (stack, probabilities, inference.Scale used)."""
     from .inference import iter_predict
     from .io import read_stack
 
     stack = read_stack(path)
-    prob = _run_with_bar(iter_predict(loaded, stack, options), label)
-    return stack, prob
+    scales: list[Any] = []
+    gen = iter_predict(loaded, stack, options, diameter=diameter, on_scale=scales.append)
+    prob = _run_with_bar(gen, label)
+    return stack, prob, (scales[0] if scales else None)
 
 
 # --------------------------------------------------------------------------- commands
@@ -239,15 +246,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
     options = _predict_options(args)
     print(f"model {loaded.name} on {loaded.device}; {spec}", file=sys.stderr)
     for i, f in enumerate(files, 1):
-        stack, prob = _predict_one(f, loaded, options, f"[{i}/{len(files)}] {f.name}")
+        stack, prob, scale = _predict_one(
+            f, loaded, options, f"[{i}/{len(files)}] {f.name}", args.diameter
+        )
+        if scale is not None and scale.message:
+            print(f"{f.name}: {scale.message}", file=sys.stderr)
         mask = postprocess_stack(prob, spec)
         stem = file_stem(f)
         meta = {"pixel_size": stack.pixel_size, "unit": stack.unit or "µm"}
-        if not args.no_prob:
-            pp = write_tiff(out / f"{stem}_prob.tif", prob.astype("float32"), axes="ZYX", **meta)
-            folder.record(pp)
-        mp = write_mask(out / f"{stem}_mask.tif", mask, pixel_size=stack.pixel_size)
-        folder.record(mp)
+        info = {"model": loaded.name, "diameter_px": scale.diameter if scale else None}
+        pp = None
+        try:
+            if not args.no_prob:
+                pp = write_tiff(
+                    out / f"{stem}_prob.tif", prob.astype("float32"), axes="ZYX", **meta
+                )
+                folder.record(pp, info)
+            mp = write_mask(out / f"{stem}_mask.tif", mask, pixel_size=stack.pixel_size)
+        except BaseException:
+            if pp is not None:  # never a probability map without its mask
+                with contextlib.suppress(OSError):
+                    pp.unlink()
+            raise
+        folder.record(mp, info)
         print(f"{f.name}: {int(mask.sum())} foreground pixels -> {mp}")
     return 0
 
@@ -463,6 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--no-prob", action="store_true", help="do not write probability TIFFs")
+    p.add_argument(
+        "--diameter",
+        default=None,
+        help="object diameter in pixels, or 'auto' (measured); images are rescaled internally "
+        "to the model's trained diameter, outputs keep the input's size (default: no rescaling)",
+    )
     _add_predict_options(p)
     p.set_defaults(func=cmd_predict)
 
@@ -519,6 +546,26 @@ def _fail(message: str) -> int:
     return 2
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (sent by ``timeout``, SLURM, dask): stopped like Ctrl-C, cleaning up as it goes."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Any:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``bulbseg`` command; returns the exit status (0 ok, 2 error, 130 cancelled).
 
@@ -535,7 +582,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0
     debug = bool(getattr(args, "debug", False))
     try:
-        return int(args.func(args) or 0)
+        with _sigterm_as_interrupt():
+            return int(args.func(args) or 0)
+    except _Terminated:
+        print("bulbseg: terminated; no partial output was written as complete", file=sys.stderr)
+        return 143
     except CancelledError as e:
         print(_one_line(f"bulbseg: cancelled: {e}"), file=sys.stderr)
         return 130

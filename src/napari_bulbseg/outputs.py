@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,6 +23,12 @@ from .errors import InputError
 from .io import IMAGE_SUFFIXES, file_stem, mask_partner_folders
 
 MANIFEST = ".bulbseg-outputs.json"
+#: temp files of :func:`atomic.atomic_write` for the outputs of predict and demo (only these
+#: are ever removed: a user's own hidden files never are)
+_OUR_TEMP = re.compile(
+    r"^\.(.+_(mask|prob)\.tif|\.bulbseg-outputs\.json|probabilities\.tif|mask\.tif"
+    r"|metrics\.csv|overview\.png)\.[A-Za-z0-9_]{8}\.tmp$"
+)
 _FORMAT = 1
 
 
@@ -53,6 +60,23 @@ class OutputFolder:
             ) from e
         self.path = out
         self._files = self._read_manifest()
+        self._remove_stale_temp()
+
+    def _remove_stale_temp(self, older_than_s: float = 600.0) -> None:
+        """Temp files of our atomic writes (``.NAME.XXXX.tmp``) left by a killed run."""
+        import time
+
+        now = time.time()
+        for p in self.path.glob(".*.tmp"):
+            try:
+                if (
+                    _OUR_TEMP.match(p.name)
+                    and p.is_file()
+                    and now - p.stat().st_mtime > older_than_s
+                ):
+                    p.unlink()
+            except OSError:
+                pass
 
     def _read_manifest(self) -> dict[str, Any]:
         try:
@@ -107,10 +131,11 @@ class OutputFolder:
                     "choose an output folder apart from the images, e.g. -o predictions/",
                 )
 
-    def record(self, path: Path) -> None:
-        """Note that this run wrote ``path`` (call right after writing it)."""
+    def record(self, path: Path, info: dict[str, Any] | None = None) -> None:
+        """Note that this run wrote ``path`` (call right after writing it); ``info`` (JSON
+        values, e.g. the model and object diameter used) is kept with the entry."""
         st = path.stat()
-        self._files[path.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        self._files[path.name] = {**(info or {}), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         text = json.dumps({"format": _FORMAT, "files": self._files}, indent=1, sort_keys=True)
         with atomic_write(self.path / MANIFEST) as fh:
             fh.write(text.encode("utf-8"))
