@@ -90,3 +90,34 @@ def test_repredict_opens_segment_when_not_docked(make_napari_viewer, qtbot, bulb
     assert viewer.layers["bulb phantom prediction"].data.shape == (
         viewer.layers["bulb phantom"].data.shape
     )
+
+
+def test_open_a_folder_of_jpegs_with_a_masks_folder(make_napari_viewer, tmp_path, bulbseg_home):
+    """Names with spaces and parentheses, natural order, masks/ beside: one stack + Labels."""
+    from napari.layers import Image, Labels
+    from PIL import Image as PILImage
+
+    root = tmp_path / "my experiment (day 2)"
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir()
+    names = ["slice (2).jpg", "slice (10).jpg", "slice (1).jpg"]  # natural order: 1, 2, 10
+    for name in names:
+        k = int(name.split("(")[1].split(")")[0])
+        img = np.full((48, 64), 20, np.uint8)
+        img[10 : 10 + k, 5:40] = 220  # the bright band grows with the slice number
+        PILImage.fromarray(img).save(images / name, quality=95)
+        m = np.zeros((48, 64), np.uint8)
+        m[10 : 10 + k, 5:40] = 255
+        PILImage.fromarray(m).save(masks / name.replace(".jpg", ".png"))
+
+    viewer = make_napari_viewer()
+    viewer.open(str(images), plugin="napari-bulbseg")
+    image, gt = viewer.layers["images"], viewer.layers["images ground truth"]
+    assert isinstance(image, Image) and isinstance(gt, Labels)
+    assert image.data.shape == gt.data.shape == (3, 48, 64)
+    assert gt.data.dtype == np.uint8 and set(np.unique(gt.data)) == {0, 1}
+    rows = [int(np.asarray(gt.data[z]).any(axis=1).sum()) for z in range(3)]
+    assert rows == [1, 2, 10]  # natural name order, masks paired by name
+    bright = [int((np.asarray(image.data[z]) > 120).any(axis=1).sum()) for z in range(3)]
+    assert bright == rows

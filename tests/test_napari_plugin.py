@@ -44,10 +44,17 @@ def test_npe2_validate_cli():
     PluginManifest.model_validate(mf.model_dump())
 
 
-def test_reader_only_takes_tiffs(tmp_path):
-    assert napari_get_reader(str(tmp_path / "a.png")) is None
+def test_reader_takes_images_and_folders_of_slices(tmp_path):
+    assert napari_get_reader(str(tmp_path / "a.txt")) is None
     assert napari_get_reader(str(tmp_path / "a.tif")) is not None
+    for name in ("a.png", "b.JPG", "c.jpeg", "d.bmp"):
+        assert napari_get_reader(str(tmp_path / name)) is not None
     assert napari_get_reader([str(tmp_path / "a.tif"), str(tmp_path / "b.TIFF")]) is not None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert napari_get_reader(str(empty)) is None  # no slices: let another reader try
+    io.write_mask(tmp_path / "f" / "s1.png", np.eye(8, dtype=bool))
+    assert napari_get_reader(str(tmp_path / "f")) is not None
 
 
 def test_reader_writer_round_trip_with_mask_partner_and_scale(tmp_path):

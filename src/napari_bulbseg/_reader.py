@@ -1,8 +1,10 @@
-"""npe2 reader: a TIFF stack as an Image layer, plus its mask partner as a Labels layer.
+"""npe2 reader: an image stack as an Image layer, plus its mask partner as a Labels layer.
 
-A thin wrapper over :func:`napari_bulbseg.io.read_stack`: big files stay lazy, the physical
-pixel size becomes the layer scale, and an image's ground truth — ``NAME_mask.tif`` beside it,
-or ``masks/NAME.tif`` next to an ``images/`` folder — is offered as a Labels layer.
+A thin wrapper over :func:`napari_bulbseg.io.read_stack`: TIFF (ImageJ, OME), PNG, JPEG and BMP
+files, and folders of 2D slices (natural name order: 2 before 10). Big files stay lazy, the
+physical pixel size becomes the layer scale, and an image's ground truth — ``NAME_mask.tif``
+beside it, or ``masks/NAME.png`` inside or next to its folder — is offered as a Labels layer
+(uint8 0/1, never a bool Image). For a folder, every slice needs its mask for the Labels layer.
 """
 
 from __future__ import annotations
@@ -15,19 +17,32 @@ import numpy as np
 from napari.utils.notifications import show_error, show_info
 
 from .errors import BulbsegError, InputError
-from .io import MASK_FOLDERS, MASK_SUFFIXES, file_stem, mask_partner_candidates
+from .io import (
+    IMAGE_SUFFIXES,
+    MASK_FOLDERS,
+    MASK_SUFFIXES,
+    file_stem,
+    mask_partner_candidates,
+    slice_files,
+)
 
 LayerData = tuple[Any, dict[str, Any], str]
-SUFFIXES = (".tif", ".tiff")
+SUFFIXES = IMAGE_SUFFIXES
 GT_SUFFIX = " ground truth"
 
 
 def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
-    """Return :func:`read_tiff` when ``path`` is a TIFF file (or a list of them), else ``None``."""
+    """Return :func:`read_images` for image files or folders of slices, else ``None``."""
     paths = [path] if isinstance(path, str | Path) else list(path)
-    if not paths or not all(str(p).lower().endswith(SUFFIXES) for p in paths):
+    if not paths:
         return None
-    return read_tiff
+    for p in paths:
+        if Path(p).is_dir():
+            if not slice_files(Path(p)):
+                return None
+        elif not str(p).lower().endswith(SUFFIXES):
+            return None
+    return read_images
 
 
 def is_mask_name(path: Path) -> bool:
@@ -53,7 +68,7 @@ def _scale(stack: Any, two_d: bool) -> tuple[float, ...] | None:
 
 
 def image_layer_data(path: str | Path) -> LayerData:
-    """Read one TIFF stack as napari Image layer data (lazy when big; 2D when one slice)."""
+    """Read one stack (file or folder) as napari Image layer data (lazy when big; 2D for one)."""
     from . import io
 
     stack = io.read_stack(path)
@@ -62,7 +77,7 @@ def image_layer_data(path: str | Path) -> LayerData:
     if stack.notes:
         show_info(f"{Path(path).name}: " + "; ".join(stack.notes))
     meta: dict[str, Any] = {
-        "name": Path(path).stem,
+        "name": Path(path).name if Path(path).is_dir() else Path(path).stem,
         "rgb": bool(stack.rgb),
         "metadata": {
             "bulbseg_path": str(Path(path).resolve()),
@@ -111,12 +126,44 @@ def _units_safe(meta: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def read_tiff(path: str | list[str]) -> list[LayerData]:
-    """Read TIFF file(s); an image's mask partner comes along as a Labels layer."""
+def folder_masks(folder: Path) -> np.ndarray | None:
+    """The (Z, Y, X) ground truth of a folder of slices: every slice's mask partner, stacked."""
+    from . import io
+
+    partners = [find_mask_partner(f) for f in slice_files(folder)]
+    if not partners or any(p is None for p in partners):
+        found = sum(p is not None for p in partners)
+        if found:
+            show_info(
+                f"{folder.name}: {found} of {len(partners)} slices have a mask; the ground truth "
+                "is shown only when every slice has one"
+            )
+        return None
+    planes = [io.read_mask(p) for p in partners]
+    if len({pl.shape for pl in planes}) != 1:
+        raise InputError(
+            f"The masks of {folder} differ in size", "every mask must have its slice's size"
+        )
+    return np.stack(planes).astype(np.uint8, copy=False)
+
+
+def read_images(path: str | list[str]) -> list[LayerData]:
+    """Read image file(s) or folder(s) of slices; mask partners come along as Labels layers."""
     paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
     layers: list[LayerData] = []
     try:
         for p in paths:
+            if p.is_dir():
+                data, meta, kind = image_layer_data(p)
+                layers.append((data, _units_safe(meta), kind))
+                gt = folder_masks(p)
+                if gt is not None:
+                    gt = gt[0] if np.ndim(data) == 2 + bool(meta.get("rgb")) else gt
+                    gt_meta = {"name": meta["name"] + GT_SUFFIX, "opacity": 0.5}
+                    if meta.get("scale") is not None:
+                        gt_meta["scale"] = meta["scale"]
+                    layers.append((gt, gt_meta, "labels"))
+                continue
             if is_mask_name(p):
                 layers.append(mask_layer_data(p, p.stem))
                 continue

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import __version__
 from .errors import BulbsegError, CancelledError, InputError, ModelError
-from .io import IMAGE_SUFFIXES, file_stem, image_files, mask_partner_candidates
+from .io import IMAGE_SUFFIXES, file_stem, image_files, slice_files
 
 # --------------------------------------------------------------------------- progress display
 
@@ -87,14 +87,10 @@ def _collect_inputs(paths: Sequence[str]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = image_files(p)
-            truths = {
-                c for f in found for c in mask_partner_candidates(f, IMAGE_SUFFIXES) if c != f
-            }
-            if truths.intersection(found):
-                n = len(truths.intersection(found))
+            everything, found = image_files(p), slice_files(p)
+            if len(found) < len(everything):
+                n = len(everything) - len(found)
                 print(f"{p}: skipping {n} ground-truth mask(s) of its images", file=sys.stderr)
-                found = [f for f in found if f not in truths]
             if not found:
                 raise InputError(
                     f"No images ({', '.join(IMAGE_SUFFIXES)}) in folder {p}",

@@ -901,8 +901,16 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: _natural_key(p.name))
 
 
-def _read_folder(folder: Path, lazy: bool | None) -> Stack:
+def slice_files(folder: Path) -> list[Path]:
+    """The image files of ``folder`` that are slices: the ground-truth masks of its images
+    (``stack_mask.png`` beside ``stack.png``) are not, nor are files in its subfolders."""
     files = image_files(folder)
+    truths = {c for f in files for c in mask_partner_candidates(f, IMAGE_SUFFIXES) if c != f}
+    return [f for f in files if f not in truths]
+
+
+def _read_folder(folder: Path, lazy: bool | None) -> Stack:
+    files = slice_files(folder)
     if not files:
         raise InputError(
             f"{folder} contains no images ({', '.join(IMAGE_SUFFIXES)})",
