@@ -468,3 +468,26 @@ def test_cuda_matches_cpu(tiny):  # pragma: no cover - only where a GPU exists
     cpu = predict(tiny, img, PredictOptions(device="cpu", prob_dtype="float32"))
     gpu = predict(tiny, img, PredictOptions(device="cuda", prob_dtype="float32"))
     assert np.abs(cpu - gpu).max() < 5e-3  # float16 autocast
+
+
+def test_cpu_out_of_memory_also_halves_the_batch(tiny, monkeypatch):
+    """The CPU allocator's message is not "out of memory": it must be recognised too."""
+    img = blobs((1, 100, 100), seed=16)
+    opts = PredictOptions(tile=64, overlap=24, batch_size=4, prob_dtype="float32")
+    ref = predict(tiny, img, opts)
+    real = inference._forward
+    sizes: list[int] = []
+
+    def fake(net, x, amp):
+        sizes.append(x.shape[0])
+        if x.shape[0] > 1:
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                "memory: you tried to allocate 21474836480 bytes. Error code 12"
+            )
+        return real(net, x, amp)
+
+    monkeypatch.setattr(inference, "_forward", fake)
+    got = predict(tiny, img, opts)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    assert sizes[:3] == [4, 2, 1]

@@ -133,9 +133,12 @@ def _is_oom(e: BaseException) -> bool:
     )
     if oom_type is not None and isinstance(e, oom_type):
         return True
+    if isinstance(e, MemoryError):
+        return True
     if isinstance(e, RuntimeError):
         msg = str(e).lower()
-        return "out of memory" in msg or "not enough memory" in msg
+        # CUDA: "out of memory"; CPU: "DefaultCPUAllocator: can't allocate memory: ..."
+        return any(k in msg for k in ("out of memory", "not enough memory", "can't allocate"))
     return False
 
 
