@@ -727,3 +727,31 @@ def test_cli_train_refuses_uninformative_masks(tmp_path, capsys, bulbseg_home, v
     one_error_line(rc, err, words, "3 training mask")
     models = bulbseg_home / "models"
     assert not models.exists() or not [p for p in models.iterdir() if p.name.startswith("v")]
+
+
+def test_cli_control_characters_in_names_are_printed_escaped(tmp_path, capsys, tiny_model_dir):
+    d = tmp_path / "in"
+    d.mkdir()
+    evil = d / "a\x1b[2Jb\x07.tif"  # clear-screen escape and a bell in a file name
+    io.write_tiff(evil, np.arange(256, dtype=np.uint16).reshape(16, 16))
+    rc, out, err = predict(capsys, tiny_model_dir, evil, tmp_path / "out")
+    assert rc == 0, err
+    assert "\x1b" not in out + err and "\x07" not in out + err
+    assert "a\\x1b[2Jb\\x07" in out
+    bad = d / "b\x1b[31m.tif"
+    bad.write_bytes(b"not an image")
+    rc, _, err = predict(capsys, tiny_model_dir, bad, tmp_path / "out2")
+    line = one_error_line(rc, err, "b\\x1b[31m")
+    assert "\x1b" not in line
+
+
+def test_cli_train_memory_hint_names_its_own_options(tmp_path, capsys, monkeypatch):
+    import napari_bulbseg.cli as cli_mod
+
+    def no_memory(args):
+        raise MemoryError
+
+    monkeypatch.setattr(cli_mod, "cmd_train", no_memory)
+    rc, _, err = cli(capsys, "train", "--images", tmp_path, "--masks", tmp_path)
+    one_error_line(rc, err, "--patch-size", "--batch-size")
+    assert "--tile" not in err

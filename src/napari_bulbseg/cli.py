@@ -243,10 +243,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"model {loaded.name} on {loaded.device}; {spec}", file=sys.stderr)
     for i, f in enumerate(files, 1):
         stack, prob, scale = _predict_one(
-            f, loaded, options, f"[{i}/{len(files)}] {f.name}", args.diameter
+            f, loaded, options, _printable(f"[{i}/{len(files)}] {f.name}"), args.diameter
         )
         if scale is not None and scale.message:
-            print(f"{f.name}: {scale.message}", file=sys.stderr)
+            print(_printable(f"{f.name}: {scale.message}"), file=sys.stderr)
         mask = postprocess_stack(prob, spec)
         stem = file_stem(f)
         meta = {"pixel_size": stack.pixel_size, "unit": stack.unit or "µm"}
@@ -265,7 +265,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     pp.unlink()
             raise
         folder.record(mp, info)
-        print(f"{f.name}: {int(mask.sum())} foreground pixels -> {mp}")
+        print(_printable(f"{f.name}: {int(mask.sum())} foreground pixels -> {mp}"))
     return 0
 
 
@@ -532,9 +532,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _printable(text: str) -> str:
+    """Control characters (from file names, say) escaped, never sent raw to the terminal."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
+
+
 def _one_line(text: str) -> str:
-    """Collapse whitespace (newlines included) so that every error is one line."""
-    return " ".join(str(text).split())
+    """Collapse whitespace (newlines included) so that every error is one printable line."""
+    return _printable(" ".join(str(text).split()))
 
 
 def _fail(message: str) -> int:
@@ -596,8 +601,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemoryError:
         if debug:
             raise
+        size = "--patch-size" if getattr(args, "command", "") == "train" else "--tile"
         return _fail(
-            "not enough memory — use a smaller --tile or --batch-size, close other programs, "
+            f"not enough memory — use a smaller {size} or --batch-size, close other programs, "
             "or process fewer files at once"
         )
     except OSError as e:
