@@ -244,3 +244,65 @@ def test_cli_works_without_network(tmp_path, sandbox, tiny_model_dir, no_network
     assert main(["evaluate", "--pred", str(out), "--truth", str(tmp_path / "t")]) == 0
     assert no_network == []
     assert "error" not in capsys.readouterr().err
+
+
+def _resave(src, dst, change):
+    """Copy a model folder with its weights changed by ``change`` and a card that matches."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save
+
+    tensors = load_file(str(src / "weights.safetensors"))
+    change(tensors)
+    payload = save(tensors, metadata={"format": "1"})
+    dst.mkdir()
+    (dst / "weights.safetensors").write_bytes(payload)
+    card = json.loads((src / "model.json").read_text())
+    card["weights"].update(sha256=hashlib.sha256(payload).hexdigest(), bytes=len(payload))
+    (dst / "model.json").write_text(json.dumps(card))
+    return dst
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_weights_behind_a_valid_card_are_refused(tmp_path, tiny_model_dir, capsys, value):
+    from napari_bulbseg.errors import ModelError
+    from napari_bulbseg.model import load_model
+
+    def poison(t):
+        k = sorted(t)[0]
+        t[k] = t[k].clone()
+        t[k].view(-1)[0] = value
+
+    bad = _resave(tiny_model_dir, tmp_path / "bad", poison)
+    with pytest.raises(ModelError, match="NaN or infinite"):
+        load_model(bad)
+    img = io.write_tiff(tmp_path / "a.tif", np.zeros((32, 32), np.uint16))
+    rc = main(["predict", str(img), "-o", str(tmp_path / "out"), "--model", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "NaN or infinite" in err and "earlier version" in err
+    assert not (tmp_path / "out" / "a_mask.tif").exists()
+
+
+def test_weights_hash_is_streamed_before_reading(tmp_path, tiny_model_dir, monkeypatch):
+    """A card without weights.bytes and a replaced weights file: refused before read_bytes."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from napari_bulbseg.errors import ModelError
+    from napari_bulbseg.model import load_model
+
+    m = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, m)
+    card = json.loads((m / "model.json").read_text())
+    card["weights"].pop("bytes", None)
+    (m / "model.json").write_text(json.dumps(card))
+    with open(m / "weights.safetensors", "r+b") as fh:
+        fh.truncate(64 << 20)  # sparse: 64 MiB of zeros
+    read_whole = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read_whole.append(self) or real(self))
+    with pytest.raises(ModelError, match="do not match their card"):
+        load_model(m)
+    assert not [p for p in read_whole if p.name == "weights.safetensors"]

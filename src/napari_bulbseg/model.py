@@ -500,19 +500,34 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
             f"{declared:,} recorded): the file is corrupt, truncated or was replaced",
             "copy the model folder again from its source",
         )
-    payload = wpath.read_bytes()
-    actual = hashlib.sha256(payload).hexdigest()
+    # hash by streaming first: a substituted huge file is never read into memory
+    digest = hashlib.sha256()
+    with open(wpath, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    actual = digest.hexdigest()
     if actual != expected:
         raise ModelError(
             f"The weights in {folder} do not match their card (sha256 {actual[:12]}… ≠ "
             f"{str(expected)[:12]}…): the file is corrupt, truncated or was replaced",
             "copy the model folder again from its source",
         )
+    payload = wpath.read_bytes()
+    if hashlib.sha256(payload).hexdigest() != actual:  # changed while we were reading it
+        raise ModelError(f"The weights file {wpath} changed while it was read", "try again")
     try:
         tensors = st_load(payload)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise ModelError(f"The weights file {wpath} is unreadable ({e})", "copy it again") from e
     _check_shapes(card.unet_config, tensors, folder)
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all()]
+    if broken:
+        raise ModelError(
+            f"The weights in {folder} contain NaN or infinite values ({len(broken)} tensor(s), "
+            f"e.g. {broken[0]}): this model cannot predict anything",
+            "use an earlier version (Roll back, or --model v00N / bundled), or train again with "
+            "a lower learning rate",
+        )
     model = UNet(card.unet_config)
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items()}
     try:
