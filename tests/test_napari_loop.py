@@ -127,3 +127,37 @@ def test_stroke_just_before_close_is_saved(make_napari_viewer, qtbot, tmp_path, 
         viewer.layers.remove(corr)
     mask, _ = store.load()
     np.testing.assert_array_equal(mask[3][idx], new)  # the stroke is on disk
+
+
+def test_finetune_says_what_it_will_train_on(make_napari_viewer, qtbot, tmp_path, bulbseg_home):
+    from napari_bulbseg._widgets._session import get_session
+
+    viewer = make_napari_viewer()
+    _open_bulbs(viewer, tmp_path, n=6)
+    s = get_session(viewer)
+    seg = open_dock(viewer, "Segment")
+    rw = open_dock(viewer, "Review & correct")
+    ft = open_dock(viewer, "Fine-tune")
+    _segment_with(seg, qtbot, s, _model(tmp_path, "a", threshold=0.5))
+    rw.start_corrections()
+    # the untrained model's mask is uninformative; corrections copy the ground truth in
+    gt, corr = viewer.layers["bulbs ground truth"], s.corrections.layer
+    idx = np.nonzero(gt.data != corr.data)
+    corr.data_setitem(idx, gt.data[idx])
+    assert ft.budget.value > 0  # a time budget by default
+    s.set_reviewed(0, True)
+    assert "review one more" in ft.ready_lbl.value  # the panel and the button agree
+    ft.start()
+    assert not ft.running and ft.result is None
+    for z in range(1, 6):
+        s.set_reviewed(z, True)
+    assert "6 reviewed slice(s) ready" in ft.ready_lbl.value
+    ft.epochs.value, ft.steps.value, ft.patch.value = 1, 1, 32
+    ft.start()
+    msg = ft.status.value
+    assert "held out to validate" in msg
+    n_train = int(msg.split("Fine-tuning on ")[1].split(" ")[0])
+    n_val = int(msg.split("; ")[1].split(" ")[0])
+    assert n_train + n_val == 6 and n_val >= 1 and n_train >= 1
+    qtbot.waitUntil(lambda: not ft.running, timeout=60000)
+    assert ft.result is not None, ft.status.value

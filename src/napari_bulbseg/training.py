@@ -361,6 +361,24 @@ def _validate(
 # --------------------------------------------------------------------------- training
 
 
+def planned_split(
+    config: TrainConfig,
+    samples: Sequence[Sample],
+    base: LoadedModel | None = None,
+    registry: Registry | None = None,
+    val_samples: Sequence[Sample] | None = None,
+) -> tuple[tuple[list[Sample], list[Sample], Split], Split | None]:
+    """The ``(train, val, split)`` a run would use, and the parent's split — the very call
+    training makes, so a widget can say beforehand how many samples train and validate."""
+    parent_split = Split.from_dict(base.card.training.get("split")) if base is not None else None
+    parent = _parent_ref(base, registry)
+    salt = parent_split.salt if parent_split else (parent or "napari-bulbseg")
+    result = split_train_val(
+        samples, config.val_fraction, salt=salt, parent=parent_split, val_samples=val_samples
+    )
+    return result, parent_split
+
+
 def _check_masks_informative(samples: Sequence[Sample]) -> None:
     """Refuse training masks that are all empty or all foreground: nothing can be learnt."""
     fractions = [float(np.count_nonzero(s.mask)) / max(s.mask.size, 1) for s in samples]
@@ -447,12 +465,10 @@ def _train(
     torch.manual_seed(config.seed)
 
     # ---- split (fixed per lineage) and channels
-    parent_split = Split.from_dict(base.card.training.get("split")) if base is not None else None
-    parent = _parent_ref(base, registry)
-    salt = parent_split.salt if parent_split else (parent or "napari-bulbseg")
-    train_s, val_s, split = split_train_val(
-        samples, config.val_fraction, salt=salt, parent=parent_split, val_samples=val_samples
+    (train_s, val_s, split), parent_split = planned_split(
+        config, samples, base, registry, val_samples
     )
+    parent = _parent_ref(base, registry)
     if not val_s:
         raise TrainingError(
             "Training needs at least two annotated images (one is kept for validation)",

@@ -62,7 +62,7 @@ class FinetuneWidget(Container):
         self.epochs = SpinBox(label="Epochs", value=10, min=1, max=1000, tooltip=T.TIP_EPOCHS)
         self.steps = SpinBox(label="Steps/epoch", value=25, min=1, max=10000)
         self.patch = SpinBox(label="Patch size", value=256, min=32, max=2048, step=32)
-        self.budget = FloatSpinBox(label="Time budget (min)", value=0.0, min=0.0, max=1440.0)
+        self.budget = FloatSpinBox(label="Time budget (min)", value=2.0, min=0.0, max=1440.0)
         self.budget.tooltip = T.TIP_BUDGET
         self.train_btn = PushButton(text=T.BTN_TRAIN)
         self.cancel_btn = PushButton(text=T.BTN_CANCEL, enabled=False)
@@ -103,6 +103,8 @@ class FinetuneWidget(Container):
             self.ready_lbl.value = T.MSG_NO_MODEL
         elif not s.reviewed or s.corr_layer is None:
             self.ready_lbl.value = T.LBL_NEED_REVIEW
+        elif len(s.reviewed) == 1:
+            self.ready_lbl.value = T.LBL_ONE_REVIEWED
         else:
             self.ready_lbl.value = T.LBL_READY.format(n=len(s.reviewed), model=s.model_label)
 
@@ -140,16 +142,27 @@ class FinetuneWidget(Container):
         if s.corr_layer is None or not s.reviewed or s.image_layer is None:
             show_warning(T.MSG_NO_CORR)
             return
+        if len(s.reviewed) < 2:
+            show_warning(T.LBL_ONE_REVIEWED)
+            return
         try:
+            from ..training import planned_split
+
             samples = samples_from_slices(
                 as_stack(s.image_layer), s.layer_for(s.corr_layer) > 0, sorted(s.reviewed)
             )
             config = self.config()
             registry = get_registry()
             registry.check_writable()  # before training, not after the time budget is spent
+            (train, val, _), _ = planned_split(config, samples, s.loaded, registry)
         except Exception as e:
             show_warning(user_message(e))
             return
+        minutes = float(self.budget.value)
+        budget = f"{minutes:g} min" if minutes > 0 else "no time limit"
+        split_msg = T.MSG_SPLIT.format(n_train=len(train), n_val=len(val), budget=budget)
+        self.status.value = split_msg
+        show_info(split_msg)
         self._cancel = threading.Event()
         self.plot.clear(config.epochs * config.steps_per_epoch)
         self.result_lbl.value = ""

@@ -106,11 +106,24 @@ MSG_AUTOSAVE_FAIL = "Could not autosave corrections: {err}"
 # --------------------------------------------------------------------------- fine-tune
 TIP_LOSS = "Training loss: focal+dice suits small or thin objects; bce is the classic choice."
 TIP_EPOCHS = "Passes over the reviewed slices."
-TIP_BUDGET = "Stop after this many minutes even if epochs remain (0 = no limit)."
+TIP_BUDGET = (
+    "Stop after this many minutes even if epochs remain (0 = no limit). The best validated "
+    "epoch so far is kept."
+)
 BTN_TRAIN = "Fine-tune on reviewed slices"
 BTN_REPREDICT = "Re-predict with the new model"
 BTN_ROLLBACK = "Roll back to the previous version"
-LBL_NEED_REVIEW = "Review at least one slice (Review & correct) to fine-tune."
+LBL_NEED_REVIEW = (
+    "Review at least two slices (Review & correct) to fine-tune: one is held out to validate."
+)
+LBL_ONE_REVIEWED = (
+    "1 reviewed slice: review one more to fine-tune (at least one slice is held out to "
+    "validate the new model)."
+)
+MSG_SPLIT = (
+    "Fine-tuning on {n_train} reviewed slice(s); {n_val} held out to validate "
+    "(fixed by slice content, so they stay held out in later rounds); at most {budget}."
+)
 LBL_READY = "{n} reviewed slice(s) ready; starts from {model}."
 LBL_TRAINING = "epoch {epoch} · step {step}/{total} · loss {loss:.4f} · ETA {eta:.0f} s"
 LBL_RESULT = (
