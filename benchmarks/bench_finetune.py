@@ -31,7 +31,6 @@ Dice-optimal threshold *on the held-out images* — an optimistic, secondary fig
 from __future__ import annotations
 
 import argparse
-import copy
 import inspect
 import json
 import os
@@ -101,7 +100,7 @@ def score(
 ) -> tuple[float, float, float, float]:
     """``(pooled Dice at threshold, Dice-optimal threshold, its Dice, Dice at 0.5)`` over all
     held-out pixels."""
-    from napari_bulbseg.training import DEFAULT_THRESHOLDS, best_threshold, threshold_sweep
+    from napari_bulbseg.metrics import DEFAULT_THRESHOLDS, best_threshold, threshold_sweep
 
     curve = threshold_sweep(probs, masks, sorted({*DEFAULT_THRESHOLDS, threshold, 0.5}))
     dice = next(d for t, d in curve if t == threshold)
@@ -120,44 +119,11 @@ def eval_model(
 # --------------------------------------------------------------------------- our engine
 
 
-def engine_stop_now(frame: dict[str, Any]) -> tuple[Any, float, str]:
-    """What ``iter_train`` would return if its time budget ran out now, from its live state.
-
-    Mirrors the end of ``training._train``: with fewer than ``MIN_VAL_IMAGES_FOR_SELECTION``
-    validation images, the current weights and threshold 0.5; otherwise validate the current
-    weights with the engine's own ``_validate``, keep them if they beat the best validated Dice
-    so far (else the best), and sweep the threshold with the engine's ``threshold_sweep``. Works on
-    a copy: the running training is not touched.
-    """
-    from napari_bulbseg import training as tr
-
-    model = copy.deepcopy(frame["model"])
-    gen = tr._validate(model, frame["val_p"], frame["loss_fn"], frame["device"])
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            _, dice05, probs = stop.value
-            break
-    if len(frame["val_p"]) < tr.MIN_VAL_IMAGES_FOR_SELECTION:
-        # the engine's rule for 1-2 validation images: the latest weights and threshold 0.5
-        return model.eval(), 0.5, "current weights, 0.5 (tiny validation split)"
-    best_state, best_dice = frame["best_state"], frame["best_dice"]
-    if best_state is not None and not (dice05 > best_dice + 1e-4):
-        model.load_state_dict(best_state)
-        probs, note = frame["best_probs"], f"best validated epoch {frame['best_epoch']}"
-    else:
-        note = "current weights"
-    masks = [p.mask for p in frame["val_p"]]
-    thr, _ = tr.best_threshold(tr.threshold_sweep(probs, masks, frame["config"].thresholds))
-    return model.eval(), thr, note
-
-
 def run_ours(
     args: argparse.Namespace, base: Any, train_s: list, held: list, checkpoints: list[float]
 ) -> tuple[Run, Any]:
     from napari_bulbseg.data import prepare_sample
-    from napari_bulbseg.training import TrainConfig, iter_train
+    from napari_bulbseg.training import TrainConfig, TrainRun
 
     config = TrainConfig(
         epochs=args.epochs,
@@ -175,7 +141,8 @@ def run_ours(
     )
     run = Run("ours")
     masks = [s.mask for s in held]
-    gen = iter_train(config, train_s, base=base, name="bench-finetune")
+    engine = TrainRun(config, train_s, base=base, name="bench-finetune")
+    gen = engine.events()
     prepared: dict[tuple[int, str], list[np.ndarray]] = {}
     clock, excluded, result, step = 0.0, 0.0, None, 0
     pending = list(checkpoints)
@@ -195,11 +162,11 @@ def run_ours(
         while pending and clock >= pending[0]:
             pending.pop(0)
         te = time.perf_counter()
-        frame = gen.gi_yieldfrom.gi_frame.f_locals  # the engine's live state (read only)
-        key = (frame["in_c"], frame["prep"])
+        snap = engine.snapshot()  # what the engine would return if it stopped now
+        key = (snap.in_channels, snap.prep_policy)
         if key not in prepared:
-            prepared[key] = [prepare_sample(s, key[0], frame["norm"], key[1]).image for s in held]
-        model, thr, note = engine_stop_now(frame)
+            prepared[key] = [prepare_sample(s, key[0], snap.norm, key[1]).image for s in held]
+        model, thr, note = snap.model, snap.threshold, snap.note
         d, tb, db, d05 = eval_model(model, prepared[key], masks, thr)
         run.points.append(Point(clock, step, thr, d, tb, db, d05, note))
         print(

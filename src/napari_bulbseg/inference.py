@@ -189,6 +189,28 @@ def prepare_network(model: nn.Module, device: torch.device) -> nn.Module:
     return net
 
 
+def predict_whole(
+    net: nn.Module,
+    image: np.ndarray,
+    device: torch.device,
+    out_shape: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """The network on one whole prepared image ``(C, H, W)`` (normalised, at the network's
+    scale; the U-Net pads internally): ``(logits (H, W), float16 probabilities)``.
+
+    float16 as prediction caches probabilities, so a threshold chosen on them holds for
+    predicted stacks; with ``out_shape`` the probabilities are brought back to that shape (an
+    image rescaled for the network). Call under ``torch.no_grad()``. Training validates and
+    :func:`napari_bulbseg.training.evaluate_model` scores through this one function.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(image)[None]).to(device)
+    logits = net(x)[0, 0]
+    prob = torch.sigmoid(logits)
+    if out_shape is not None and tuple(out_shape) != tuple(prob.shape):
+        return logits, back_to_shape(prob.cpu().numpy(), out_shape).astype(np.float16)
+    return logits, prob.to(torch.float16).cpu().numpy()
+
+
 def _forward(net: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
     """Logits of one batch (the single call into the network; tests replace it)."""
     if x.device.type in ("cpu", "cuda"):

@@ -38,16 +38,21 @@ from scipy.sparse.csgraph import connected_components
 
 from .atomic import atomic_write
 from .errors import InputError
-from .postprocess import STRUCTURE, as_bool_mask, label_sizes
+from .postprocess import STRUCTURE, as_bool_mask, label_sizes, threshold_prob
 
 __all__ = [
     "CSV_COLUMNS",
+    "DEFAULT_THRESHOLDS",
     "MeanMetrics",
     "SliceMetrics",
     "StackMetrics",
+    "best_threshold",
     "match_objects",
+    "pooled_counts",
+    "pooled_pixel_metrics",
     "slice_metrics",
     "stack_metrics",
+    "threshold_sweep",
     "write_metrics_csv",
 ]
 
@@ -55,6 +60,77 @@ __all__ = [
 #: (faster when few pairs share millions of pixels) or more cells
 _DENSE_OVERLAP_CELLS = 1 << 22
 _FEW_OBJECTS = 64
+
+
+#: thresholds swept on a validation set (training, the Threshold widget, benchmarks)
+DEFAULT_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+# ------------------------------------------------------------------ pooled pixel counts of
+# probabilities: how training validates, picks its threshold and scores a model
+
+
+def pooled_counts(prob: np.ndarray, mask: np.ndarray, threshold: float) -> tuple[int, int, int]:
+    """``(tp, fp, fn)`` of ``prob >= threshold`` (the rule of ``postprocess``) against ``mask``."""
+    pred = threshold_prob(prob, threshold)
+    truth = mask.astype(bool)
+    tp = int(np.count_nonzero(pred & truth))
+    return tp, int(np.count_nonzero(pred)) - tp, int(np.count_nonzero(truth)) - tp
+
+
+def dice_from_counts(tp: int, fp: int, fn: int) -> float:
+    """Dice of pixel counts; 1 when there is nothing to find and nothing found."""
+    denom = 2 * tp + fp + fn
+    return 1.0 if denom == 0 else 2.0 * tp / denom
+
+
+def pooled_pixel_metrics(
+    probs: Sequence[np.ndarray], masks: Sequence[np.ndarray], threshold: float
+) -> dict[str, float]:
+    """Dice, IoU, precision, recall and pixel error of ``prob >= threshold`` with the counts of
+    all images pooled (each ratio computed once), plus ``n_pixels``."""
+    tp = fp = fn = n = 0
+    for p, m in zip(probs, masks, strict=True):
+        a, b, c = pooled_counts(p, m, threshold)
+        tp, fp, fn, n = tp + a, fp + b, fn + c, n + m.size
+    return {
+        "dice": dice_from_counts(tp, fp, fn),
+        "iou": tp / (tp + fp + fn) if tp + fp + fn else 1.0,
+        "precision": tp / (tp + fp) if tp + fp else 1.0,
+        "recall": tp / (tp + fn) if tp + fn else 1.0,
+        "pixel_error": (fp + fn) / n if n else 0.0,
+        "n_pixels": int(n),
+    }
+
+
+def threshold_sweep(
+    probs: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+) -> list[list[float]]:
+    """Pooled Dice (over all pixels of all images) of ``prob >= t`` for each threshold ``t``.
+
+    Returns ``[[t, dice], ...]`` in threshold order.
+    """
+    if len(probs) != len(masks) or not probs:
+        raise InputError("threshold_sweep needs matching, non-empty probs and masks", "")
+    totals = np.zeros((len(thresholds), 3), dtype=np.int64)
+    for p, m in zip(probs, masks, strict=True):
+        if p.shape != m.shape:
+            raise InputError(f"Probability shape {p.shape} ≠ mask shape {m.shape}", "")
+        for i, t in enumerate(thresholds):
+            totals[i] += pooled_counts(p, m, t)
+    return [
+        [float(t), dice_from_counts(*map(int, c))] for t, c in zip(thresholds, totals, strict=True)
+    ]
+
+
+def best_threshold(curve: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """The Dice-optimal ``(threshold, dice)``; ties go to the threshold nearest 0.5."""
+    if not curve:
+        raise InputError("Empty threshold curve", "")
+    t, d = max(curve, key=lambda td: (round(td[1], 12), -abs(td[0] - 0.5)))
+    return float(t), float(d)
 
 
 def _ratio(num: float, den: float) -> float:

@@ -37,7 +37,6 @@ from torch import nn
 from .data import (
     Augment,
     PatchSampler,
-    Prepared,
     Sample,
     Split,
     prepare_sample,
@@ -46,19 +45,23 @@ from .data import (
 from .devices import select_device
 from .errors import CancelledError, InputError, ModelError, TrainingError
 from .events import TrainProgress, drain
+from .inference import predict_whole
 from .losses import LOSS_NAMES, make_loss
+from .metrics import (
+    DEFAULT_THRESHOLDS,
+    best_threshold,
+    pooled_pixel_metrics,
+    threshold_sweep,
+)
 from .model import LoadedModel, ModelCard, UNet, UNetConfig, adapt_input_channels, save_model
 from .model import software_versions as _software_versions
 from .normalize import Normalization, prepare_image
-from .postprocess import threshold_prob
 
 if TYPE_CHECKING:
     from .registry import Registry
 
 OPTIMIZERS = ("adam", "adamw")
 CHANNEL_MODES = ("adapt", "convert")
-#: thresholds swept on the validation set
-DEFAULT_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 #: with fewer validation images than this, the best-epoch choice and the threshold sweep are
 #: noise (measured in docs/benchmarks.md, fine-tuning): keep the last weights and threshold 0.5
 MIN_VAL_IMAGES_FOR_SELECTION = 3
@@ -216,47 +219,6 @@ class TrainResult:
 # --------------------------------------------------------------------------- helpers
 
 
-def pooled_counts(prob: np.ndarray, mask: np.ndarray, threshold: float) -> tuple[int, int, int]:
-    """``(tp, fp, fn)`` of ``prob >= threshold`` (the rule of ``postprocess``) against ``mask``."""
-    pred = threshold_prob(prob, threshold)
-    truth = mask.astype(bool)
-    tp = int(np.count_nonzero(pred & truth))
-    return tp, int(np.count_nonzero(pred)) - tp, int(np.count_nonzero(truth)) - tp
-
-
-def _dice(tp: int, fp: int, fn: int) -> float:
-    denom = 2 * tp + fp + fn
-    return 1.0 if denom == 0 else 2.0 * tp / denom
-
-
-def threshold_sweep(
-    probs: Sequence[np.ndarray],
-    masks: Sequence[np.ndarray],
-    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-) -> list[list[float]]:
-    """Pooled Dice (over all pixels of all images) of ``prob >= t`` for each threshold ``t``.
-
-    Returns ``[[t, dice], ...]`` in threshold order.
-    """
-    if len(probs) != len(masks) or not probs:
-        raise InputError("threshold_sweep needs matching, non-empty probs and masks", "")
-    totals = np.zeros((len(thresholds), 3), dtype=np.int64)
-    for p, m in zip(probs, masks, strict=True):
-        if p.shape != m.shape:
-            raise InputError(f"Probability shape {p.shape} ≠ mask shape {m.shape}", "")
-        for i, t in enumerate(thresholds):
-            totals[i] += pooled_counts(p, m, t)
-    return [[float(t), _dice(*map(int, c))] for t, c in zip(thresholds, totals, strict=True)]
-
-
-def best_threshold(curve: Sequence[Sequence[float]]) -> tuple[float, float]:
-    """The Dice-optimal ``(threshold, dice)``; ties go to the threshold nearest 0.5."""
-    if not curve:
-        raise InputError("Empty threshold curve", "")
-    t, d = max(curve, key=lambda td: (round(td[1], 12), -abs(td[0] - 0.5)))
-    return float(t), float(d)
-
-
 def _set_bn_eval(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -321,46 +283,6 @@ def _parent_ref(base: LoadedModel | None, registry: Registry | None) -> str | No
     return parent_ref(base, registry)
 
 
-# --------------------------------------------------------------------------- validation
-
-
-def _predict_prob(model: UNet, image: np.ndarray, device: torch.device) -> torch.Tensor:
-    x = torch.from_numpy(image[None]).to(device)
-    return model(x)[0, 0]
-
-
-def _validate(
-    model: UNet,
-    val: Sequence[Prepared],
-    loss_fn: nn.Module,
-    device: torch.device,
-) -> Generator[int, None, tuple[float, float, list[np.ndarray]]]:
-    """Whole-image validation; yields the index of each image done, returns
-    ``(mean loss, pooled Dice at 0.5, float16 probabilities)`` — float16 as prediction caches
-    them, so the threshold chosen on them is exact for predicted stacks."""
-    was_training = model.training
-    model.eval()
-    losses, probs = [], []
-    tp = fp = fn = 0
-    try:
-        with torch.no_grad():
-            for i, p in enumerate(val):
-                logits = _predict_prob(model, p.image, device)
-                target = torch.from_numpy(p.mask.astype(np.float32)).to(device)
-                losses.append(float(loss_fn(logits[None, None], target[None, None])))
-                prob = torch.sigmoid(logits).to(torch.float16).cpu().numpy()
-                a, b, c = pooled_counts(prob, p.mask, 0.5)
-                tp, fp, fn = tp + a, fp + b, fn + c
-                probs.append(prob)
-                yield i
-    finally:
-        model.train(was_training)
-    return float(np.mean(losses)), _dice(tp, fp, fn), probs
-
-
-# --------------------------------------------------------------------------- training
-
-
 def planned_split(
     config: TrainConfig,
     samples: Sequence[Sample],
@@ -398,6 +320,456 @@ def _check_masks_informative(samples: Sequence[Sample]) -> None:
         )
 
 
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass(frozen=True)
+class Validation:
+    """One whole-image validation pass: mean loss, pooled Dice at 0.5, float16 probabilities."""
+
+    loss: float
+    dice05: float
+    probs: list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a run would return if it stopped now (:meth:`TrainRun.snapshot`): a copy of the
+    chosen weights (eval mode), the threshold the run would choose, and how the input is
+    prepared for this model (channels, ``prepare_image`` policy, normalisation)."""
+
+    model: UNet
+    threshold: float
+    note: str
+    in_channels: int
+    prep_policy: str
+    norm: Normalization
+
+
+class TrainRun:
+    """One training run as small steps; :meth:`events` drives them as the run's generator.
+
+    ``setup()`` (split, channel plan, model, optimiser, sampler) → ``step()`` per optimiser
+    step → ``iter_validate()`` after each epoch → ``end_epoch()`` (history, best-epoch choice,
+    learning-rate schedule) → ``finish()`` (best weights, threshold, validation metrics) →
+    ``build_card()`` → ``save()``, the only write. ``snapshot()`` answers "what if it stopped
+    now" without touching the run. Arguments as :func:`iter_train`.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        samples: Sequence[Sample],
+        val_samples: Sequence[Sample] | None = None,
+        base: LoadedModel | None = None,
+        name: str = "unet",
+        registry: Registry | None = None,
+        output_dir: str | os.PathLike | None = None,
+        cancel: Any = None,
+        description: str = "",
+        make_current: bool = True,
+        sample_weights: dict[str, float] | None = None,
+    ) -> None:
+        self.config, self.samples, self.val_samples = config, list(samples), val_samples
+        self.base, self.name, self.registry, self.output_dir = base, name, registry, output_dir
+        self.cancel, self.description, self.make_current = cancel, description, make_current
+        self.sample_weights = sample_weights
+        self.history: list[dict[str, Any]] = []
+        self.step_count = 0
+        self.stop_reason = "completed"
+        self.best_dice, self.best_epoch, self.kept_dice = -1.0, 0, -1.0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_val: Validation | None = None
+        self.bad_epochs = 0
+        self._step_time = self._val_time = 0.0
+        self.t0 = time.perf_counter()
+
+    # ---- checks and set-up
+
+    def check_inputs(self) -> None:
+        """Refuse bad settings, a taken output folder and uninformative masks."""
+        self.config.validate()
+        if self.registry is not None and self.output_dir is not None:
+            raise InputError("Give either a registry or an output folder, not both", "")
+        if self.output_dir is not None and Path(self.output_dir).exists():
+            raise InputError(
+                f"The output folder {self.output_dir} already exists",
+                "models are never overwritten",
+            )
+        if not self.samples:
+            raise InputError("No training images", "annotate at least one image or slice")
+        _check_masks_informative(self.samples)
+
+    def setup(self) -> None:
+        """Split (fixed per lineage), channels, model, prepared samples, optimiser."""
+        config, base = self.config, self.base
+        self.t0 = time.perf_counter()
+        self.device = select_device(config.device)
+        self.rng = np.random.default_rng(config.seed)
+        torch.manual_seed(config.seed)
+        (self.train_s, self.val_s, split), parent_split = planned_split(
+            config, self.samples, base, self.registry, self.val_samples
+        )
+        self.parent = _parent_ref(base, self.registry)
+        if not self.val_s:
+            raise TrainingError(
+                "Training needs at least two annotated images (one is kept for validation)",
+                "annotate one more image or slice, or give a validation folder",
+            )
+        self.lineage_split = copy.deepcopy(split)
+        if parent_split is not None:  # keys of earlier rounds keep their side in later rounds
+            self.lineage_split.train += [k for k in parent_split.train if k not in set(split.train)]
+            self.lineage_split.val += [k for k in parent_split.val if k not in set(split.val)]
+        data_c = _data_channels(self.train_s + self.val_s)
+        self.in_c, self.policy, self.adaptation = _channel_plan(data_c, base, config)
+        self.prep = _prep_policy(self.policy)
+
+        if base is None:
+            self.norm = Normalization.from_dict(config.normalization or {})
+            model = UNet(UNetConfig(self.in_c, 1, config.base_channels, config.depth))
+        else:
+            self.norm = base.card.norm
+            model = copy.deepcopy(base.model).to("cpu")
+            if self.adaptation is not None:
+                model = adapt_input_channels(model, self.in_c)
+        self.model = model.to(self.device).train()
+        fb = config.freeze_bn
+        self.freeze_bn = (base is not None) if fb == "auto" else bool(fb)
+        if self.freeze_bn:
+            _set_bn_eval(self.model)
+
+        self.diameter = config.diameter if base is None else base.card.diameter
+        prep_args = (self.in_c, self.norm, self.prep, config.center_crop, self.diameter)
+        self.train_p = [prepare_sample(s, *prep_args) for s in self.train_s]
+        self.val_p = [prepare_sample(s, *prep_args) for s in self.val_s]
+        weights = None
+        if self.sample_weights:
+            weights = [float(self.sample_weights.get(s.key, 1.0)) for s in self.train_s]
+        self.sampler = PatchSampler(
+            self.train_p,
+            config.patch_size,
+            config.foreground_fraction,
+            Augment() if config.augment else None,
+            scale_range=config.scale_range,
+            weights=weights,
+        )
+        self.loss_fn = make_loss(config.loss, **config.loss_params)
+        opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        self.opt = opt_cls(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.opt,
+            mode="max",
+            factor=config.plateau_factor,
+            patience=config.plateau_patience,
+            min_lr=config.min_lr,
+        )
+        self.total = config.epochs * config.steps_per_epoch
+        self.few_val = len(self.val_p) < MIN_VAL_IMAGES_FOR_SELECTION
+
+    # ---- small steps
+
+    @property
+    def lr(self) -> float:
+        return float(self.opt.param_groups[0]["lr"])
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def check_cancel(self) -> None:
+        if _is_cancelled(self.cancel):
+            raise CancelledError("Training was stopped", "nothing was saved")
+
+    def out_of_time(self) -> bool:
+        budget = self.config.time_budget_s
+        return budget is not None and self.elapsed >= budget
+
+    def eta(self, validated: int) -> float:
+        """Seconds left: remaining steps and validation passes at their average cost so far."""
+        per_step = self._step_time / max(self.step_count, 1)
+        n_val = max(1, len(self.val_p))
+        per_val = self._val_time / validated if validated else per_step * n_val / 4
+        est = (self.total - self.step_count) * per_step + (self.config.epochs - validated) * per_val
+        if self.config.time_budget_s is not None:
+            est = min(est, max(0.0, self.config.time_budget_s - self.elapsed))
+        return float(est)
+
+    def step(self) -> float:
+        """One optimiser step on a random batch; returns its loss (a non-finite loss stops)."""
+        ts = time.perf_counter()
+        x, y, v = self.sampler.batch(self.config.batch_size, self.rng)
+        xt, yt, vt = (torch.from_numpy(a).to(self.device) for a in (x, y, v))
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(xt), yt, vt)
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise TrainingError(
+                f"The training loss became {lv} at step {self.step_count + 1}; no model was saved",
+                "lower the learning rate, check the images for extreme values, or try another loss",
+            )
+        loss.backward()
+        self.opt.step()
+        self.step_count += 1
+        self._step_time += time.perf_counter() - ts
+        return lv
+
+    def iter_validate(self, model: nn.Module | None = None) -> Generator[int, None, Validation]:
+        """Whole-image validation of ``model`` (the run's own by default) through the
+        prediction helper; yields the index of each image done."""
+        model = self.model if model is None else model
+        was_training = model.training
+        model.eval()
+        losses, probs = [], []
+        try:
+            with torch.no_grad():
+                for i, p in enumerate(self.val_p):
+                    logits, prob = predict_whole(model, p.image, self.device)
+                    target = torch.from_numpy(p.mask.astype(np.float32)).to(self.device)
+                    losses.append(float(self.loss_fn(logits[None, None], target[None, None])))
+                    probs.append(prob)
+                    yield i
+        finally:
+            model.train(was_training)
+            if model is self.model and self.freeze_bn:
+                _set_bn_eval(model)
+        dice05 = pooled_pixel_metrics(probs, [p.mask for p in self.val_p], 0.5)["dice"]
+        return Validation(float(np.mean(losses)), dice05, probs)
+
+    def _improves(self, dice: float) -> bool:
+        return self.best_state is None or dice > self.best_dice + 1e-4
+
+    def end_epoch(self, epoch: int, losses: Sequence[float], val: Validation) -> dict[str, Any]:
+        """Record the epoch, keep the best weights (the latest with 1–2 validation images: the
+        best-epoch choice is noise there), step the schedule; returns the history row."""
+        if not (math.isfinite(val.loss) and math.isfinite(val.dice05)):
+            raise TrainingError(
+                f"Validation gave non-finite results (loss {val.loss}) at epoch {epoch}; "
+                "no model was saved",
+                "lower the learning rate or check the validation images",
+            )
+        row = {
+            "epoch": epoch,
+            "steps": self.step_count,
+            "loss": float(np.mean(losses)),
+            "val_loss": val.loss,
+            "val_dice": val.dice05,
+            "lr": self.lr,
+            "elapsed_s": round(self.elapsed, 2),
+        }
+        self.history.append(row)
+        improved = self._improves(val.dice05)
+        if improved:
+            self.best_dice, self.bad_epochs = val.dice05, 0
+        else:
+            self.bad_epochs += 1
+        if improved or self.few_val:
+            self.best_epoch, self.kept_dice = epoch, val.dice05
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best_val = val
+        self.sched.step(val.dice05)
+        return row
+
+    def should_stop_early(self) -> bool:
+        patience = self.config.early_stopping_patience
+        return bool(patience) and self.bad_epochs >= patience
+
+    def choose_threshold(self, val: Validation) -> tuple[float, float, list[list[float]], str]:
+        """``(threshold, Dice there, curve, selection note)`` on the validation set; with 1–2
+        validation images a sweep is noise: 0.5 (the curve is still stored)."""
+        curve = threshold_sweep(val.probs, [p.mask for p in self.val_p], self.config.thresholds)
+        if self.few_val:
+            note = (
+                f"last epoch and threshold 0.5 (fewer than {MIN_VAL_IMAGES_FOR_SELECTION} "
+                "validation images)"
+            )
+            return 0.5, val.dice05, curve, note
+        thr, dice_t = best_threshold(curve)
+        return thr, dice_t, curve, "best epoch by validation Dice; threshold swept on validation"
+
+    def finish(self) -> None:
+        """Load the kept weights; choose the threshold; compute the validation metrics."""
+        if self.best_state is None or self.best_val is None:
+            # cannot happen with epochs >= 1; never save an unvalidated model
+            raise TrainingError("No validation pass completed; no model was saved", "")
+        self.model.load_state_dict(self.best_state)
+        self.model.eval()
+        val = self.best_val
+        thr, dice_t, self.curve, selection = self.choose_threshold(val)
+        pooled = pooled_pixel_metrics(val.probs, [p.mask for p in self.val_p], thr)
+        self.val_metrics = {
+            "dice": dice_t,
+            "dice_at_0.5": self.kept_dice,
+            "iou": pooled["iou"],
+            "precision": pooled["precision"],
+            "recall": pooled["recall"],
+            "pixel_error": pooled["pixel_error"],
+            "loss": val.loss,
+            "threshold": thr,
+            "n_images": len(self.val_p),
+            "n_pixels": pooled["n_pixels"],
+            "pooled": True,
+            "selection": selection,
+        }
+        vals = [v for v in self.val_metrics.values() if not isinstance(v, str)]
+        if not all(math.isfinite(float(v)) for v in vals):
+            raise TrainingError("Validation metrics are not finite; no model was saved", "")
+
+    def build_card(self) -> ModelCard:
+        config, base = self.config, self.base
+        train_keys, val_keys = [s.key for s in self.train_s], [s.key for s in self.val_s]
+        return ModelCard(
+            name=self.name,
+            architecture=self.model.config.to_dict(),
+            normalization=self.norm.to_dict(),
+            channel_policy=self.policy,
+            threshold=self.val_metrics["threshold"],
+            diameter=self.diameter,
+            postprocess=dict(base.card.postprocess)
+            if base is not None
+            else ModelCard().postprocess,
+            threshold_curve=self.curve,
+            metrics={"val": self.val_metrics, "best_epoch": self.best_epoch},
+            training={
+                "config": config.to_dict(),
+                "loss": {"name": config.loss, "params": dict(config.loss_params)},
+                "split": self.lineage_split.to_dict(),
+                "samples": {
+                    "train": train_keys,
+                    "val": val_keys,
+                    "train_digest": _keys_digest(train_keys),
+                    "val_digest": _keys_digest(val_keys),
+                },
+                "parent": self.parent,
+                "from_scratch": base is None,
+                "freeze_bn": self.freeze_bn,
+                "channel_adaptation": self.adaptation,
+                "stop_reason": self.stop_reason,
+                "epochs_run": len(self.history),
+                "steps_run": self.step_count,
+                "elapsed_s": round(self.elapsed, 2),
+                "history": self.history,
+                "device": str(self.device),
+                "software": _software_versions(),
+            },
+            parent=self.parent,
+            description=self.description,
+        )
+
+    def save(self, card: ModelCard) -> TrainResult:
+        """The only write: a new registry version or ``output_dir``, atomically."""
+        self.model.to("cpu")
+        if _is_cancelled(self.cancel):  # stopped after the last event: still nothing written
+            raise CancelledError(
+                "Training was stopped", "nothing was saved; the current model is unchanged"
+            )
+        path: Path | None = None
+        version_id: str | None = None
+        dtype = self.config.weights_dtype
+        if self.registry is not None:
+            version_id = self.registry.save_version(
+                self.model, card, dtype=dtype, make_current=self.make_current
+            )
+            path = self.registry.path_of(version_id)
+        elif self.output_dir is not None:
+            path = save_model(self.output_dir, self.model, card, dtype=dtype)
+        return TrainResult(
+            self.model, card, path, version_id, self.history, self.stop_reason, self.best_epoch
+        )
+
+    def snapshot(self) -> Snapshot:
+        """What the run would return if its time ran out now — the current weights validated
+        and kept if they beat the best epoch (else the best), the threshold chosen as at the
+        end — on a copy; the running training is not touched."""
+        model = copy.deepcopy(self.model)
+        val = drain(self.iter_validate(model))
+        note = "current weights"
+        if self.few_val:
+            note = "current weights, 0.5 (tiny validation split)"
+        elif self.best_state is not None and not self._improves(val.dice05):
+            model.load_state_dict(self.best_state)
+            val, note = self.best_val or val, f"best validated epoch {self.best_epoch}"
+        thr = self.choose_threshold(val)[0]
+        return Snapshot(model.eval(), thr, note, self.in_c, self.prep, self.norm)
+
+    # ---- the generator
+
+    def _progress(self, epoch: int, loss: float, validated: int, **kw: Any) -> TrainProgress:
+        return TrainProgress(
+            epoch=epoch,
+            step=self.step_count,
+            total_steps=self.total,
+            loss=loss,
+            lr=self.lr,
+            elapsed_s=self.elapsed,
+            eta_s=self.eta(validated),
+            **kw,
+        )
+
+    def events(self) -> Generator[TrainProgress, None, TrainResult]:
+        """The run: progress events out, the saved :class:`TrainResult` returned."""
+        self.check_inputs()
+        prev_threads = torch.get_num_threads()
+        if self.config.num_threads:
+            torch.set_num_threads(int(self.config.num_threads))
+        try:
+            return (yield from self._events())
+        finally:
+            if self.config.num_threads:
+                torch.set_num_threads(prev_threads)
+
+    def _events(self) -> Generator[TrainProgress, None, TrainResult]:
+        config = self.config
+        self.setup()
+        for epoch in range(1, config.epochs + 1):
+            losses: list[float] = []
+            out_of_time = False
+            for _ in range(config.steps_per_epoch):
+                self.check_cancel()
+                losses.append(self.step())
+                yield self._progress(epoch, losses[-1], epoch - 1)
+                if self.out_of_time():
+                    out_of_time = True
+                    break
+            mean_loss = float(np.mean(losses))
+            tv = time.perf_counter()
+            gen = self.iter_validate()
+            while True:
+                try:
+                    i = next(gen)
+                except StopIteration as stop:
+                    val = stop.value
+                    break
+                if _is_cancelled(self.cancel):
+                    gen.close()
+                    self.check_cancel()
+                yield self._progress(
+                    epoch,
+                    mean_loss,
+                    epoch - 1,
+                    message=f"validating {i + 1}/{len(self.val_p)}",
+                    kind="validate",
+                )
+            self._val_time += time.perf_counter() - tv
+            self.end_epoch(epoch, losses, val)
+            yield self._progress(
+                epoch,
+                mean_loss,
+                epoch,
+                val_loss=val.loss,
+                val_dice=val.dice05,
+                message=f"epoch {epoch}: val Dice {val.dice05:.4f} (best {self.best_dice:.4f})",
+                kind="epoch",
+            )
+            if out_of_time:
+                self.stop_reason = "time_budget"
+                break
+            if self.should_stop_early():
+                self.stop_reason = "early_stopping"
+                break
+        self.finish()
+        return self.save(self.build_card())
+
+
 def iter_train(
     config: TrainConfig,
     samples: Sequence[Sample],
@@ -419,330 +791,14 @@ def iter_train(
     ``output_dir``; with neither it is only returned. ``cancel`` is a ``threading.Event`` or a
     callable returning True to stop (raises :class:`CancelledError`, nothing written).
     ``sample_weights`` maps sample keys to how often their patches are drawn (relative; keys
-    not in it weigh 1), e.g. to balance sources of different sizes.
+    not in it weigh 1), e.g. to balance sources of different sizes. The steps are those of
+    :class:`TrainRun` (build one to reach them, e.g. for :meth:`TrainRun.snapshot`).
     """
-    config.validate()
-    if registry is not None and output_dir is not None:
-        raise InputError("Give either a registry or an output folder, not both", "")
-    if output_dir is not None and Path(output_dir).exists():
-        raise InputError(
-            f"The output folder {output_dir} already exists", "models are never overwritten"
-        )
-    samples = list(samples)
-    if not samples:
-        raise InputError("No training images", "annotate at least one image or slice")
-    _check_masks_informative(samples)
-    prev_threads = torch.get_num_threads()
-    if config.num_threads:
-        torch.set_num_threads(int(config.num_threads))
-    try:
-        result = yield from _train(
-            config, samples, val_samples, base, name, registry, output_dir, cancel, description,
-            make_current, sample_weights,
-        )  # fmt: skip
-    finally:
-        if config.num_threads:
-            torch.set_num_threads(prev_threads)
-    return result
-
-
-def _train(
-    config: TrainConfig,
-    samples: list[Sample],
-    val_samples: Sequence[Sample] | None,
-    base: LoadedModel | None,
-    name: str,
-    registry: Registry | None,
-    output_dir: str | os.PathLike | None,
-    cancel: Any,
-    description: str,
-    make_current: bool,
-    sample_weights: dict[str, float] | None = None,
-) -> Generator[TrainProgress, None, TrainResult]:
-    t0 = time.perf_counter()
-    device = select_device(config.device)
-    rng = np.random.default_rng(config.seed)
-    torch.manual_seed(config.seed)
-
-    # ---- split (fixed per lineage) and channels
-    (train_s, val_s, split), parent_split = planned_split(
-        config, samples, base, registry, val_samples
-    )
-    parent = _parent_ref(base, registry)
-    if not val_s:
-        raise TrainingError(
-            "Training needs at least two annotated images (one is kept for validation)",
-            "annotate one more image or slice, or give a validation folder",
-        )
-    lineage_split = copy.deepcopy(split)
-    if parent_split is not None:  # keys of earlier rounds keep their side in later rounds
-        lineage_split.train += [k for k in parent_split.train if k not in set(split.train)]
-        lineage_split.val += [k for k in parent_split.val if k not in set(split.val)]
-    data_c = _data_channels(train_s + val_s)
-    in_c, policy, adaptation = _channel_plan(data_c, base, config)
-    prep = _prep_policy(policy)
-
-    # ---- model
-    if base is None:
-        norm = Normalization.from_dict(config.normalization or {})
-        model = UNet(UNetConfig(in_c, 1, config.base_channels, config.depth))
-    else:
-        norm = base.card.norm
-        model = copy.deepcopy(base.model).to("cpu")
-        if adaptation is not None:
-            model = adapt_input_channels(model, in_c)
-    model.to(device).train()
-    freeze_bn = (base is not None) if config.freeze_bn == "auto" else bool(config.freeze_bn)
-    if freeze_bn:
-        _set_bn_eval(model)
-
-    diameter = config.diameter if base is None else base.card.diameter
-    crop = config.center_crop
-    train_p = [prepare_sample(s, in_c, norm, prep, crop, diameter) for s in train_s]
-    val_p = [prepare_sample(s, in_c, norm, prep, crop, diameter) for s in val_s]
-    weights = None
-    if sample_weights:
-        weights = [float(sample_weights.get(s.key, 1.0)) for s in train_s]
-    sampler = PatchSampler(
-        train_p,
-        config.patch_size,
-        config.foreground_fraction,
-        Augment() if config.augment else None,
-        scale_range=config.scale_range,
-        weights=weights,
-    )
-    loss_fn = make_loss(config.loss, **config.loss_params)
-    opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    opt = opt_cls(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt,
-        mode="max",
-        factor=config.plateau_factor,
-        patience=config.plateau_patience,
-        min_lr=config.min_lr,
-    )
-
-    total = config.epochs * config.steps_per_epoch
-    step = 0
-    history: list[dict[str, Any]] = []
-    best_dice, best_epoch, best_state, kept_dice = -1.0, 0, None, -1.0
-    few_val = len(val_p) < MIN_VAL_IMAGES_FOR_SELECTION
-    best_probs: list[np.ndarray] = []
-    best_val_loss = math.nan
-    bad_epochs = 0
-    stop_reason = "completed"
-    step_time = val_time = 0.0
-
-    def eta(validated: int) -> float:
-        """Seconds left: remaining steps and validation passes at their average cost so far."""
-        per_step = step_time / max(step, 1)
-        per_val = val_time / validated if validated else per_step * max(1, len(val_p)) / 4
-        est = (total - step) * per_step + (config.epochs - validated) * per_val
-        if config.time_budget_s is not None:
-            est = min(est, max(0.0, config.time_budget_s - (time.perf_counter() - t0)))
-        return float(est)
-
-    for epoch in range(1, config.epochs + 1):
-        ep_losses = []
-        out_of_time = False
-        for _ in range(config.steps_per_epoch):
-            if _is_cancelled(cancel):
-                raise CancelledError("Training was stopped", "nothing was saved")
-            ts = time.perf_counter()
-            x, y, v = sampler.batch(config.batch_size, rng)
-            xt, yt, vt = (torch.from_numpy(a).to(device) for a in (x, y, v))
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xt), yt, vt)
-            lv = float(loss.detach())
-            if not math.isfinite(lv):
-                raise TrainingError(
-                    f"The training loss became {lv} at step {step + 1}; no model was saved",
-                    "lower the learning rate, check the images for extreme values, or try "
-                    "another loss",
-                )
-            loss.backward()
-            opt.step()
-            step += 1
-            step_time += time.perf_counter() - ts
-            ep_losses.append(lv)
-            yield TrainProgress(
-                epoch=epoch,
-                step=step,
-                total_steps=total,
-                loss=lv,
-                lr=float(opt.param_groups[0]["lr"]),
-                elapsed_s=time.perf_counter() - t0,
-                eta_s=eta(epoch - 1),
-            )
-            if config.time_budget_s is not None and (
-                time.perf_counter() - t0 >= config.time_budget_s
-            ):
-                out_of_time = True
-                break
-
-        # ---- validation after each epoch
-        tv = time.perf_counter()
-        gen = _validate(model, val_p, loss_fn, device)
-        while True:
-            try:
-                i = next(gen)
-            except StopIteration as stop:
-                val_loss, val_dice, probs = stop.value
-                break
-            if _is_cancelled(cancel):
-                gen.close()
-                raise CancelledError("Training was stopped", "nothing was saved")
-            yield TrainProgress(
-                epoch=epoch,
-                step=step,
-                total_steps=total,
-                loss=float(np.mean(ep_losses)),
-                lr=float(opt.param_groups[0]["lr"]),
-                elapsed_s=time.perf_counter() - t0,
-                eta_s=eta(epoch - 1),
-                message=f"validating {i + 1}/{len(val_p)}",
-                kind="validate",
-            )
-        if freeze_bn:
-            _set_bn_eval(model)
-        val_time += time.perf_counter() - tv
-        if not (math.isfinite(val_loss) and math.isfinite(val_dice)):
-            raise TrainingError(
-                f"Validation gave non-finite results (loss {val_loss}) at epoch {epoch}; "
-                "no model was saved",
-                "lower the learning rate or check the validation images",
-            )
-        lr_now = float(opt.param_groups[0]["lr"])
-        history.append(
-            {
-                "epoch": epoch,
-                "steps": step,
-                "loss": float(np.mean(ep_losses)),
-                "val_loss": val_loss,
-                "val_dice": val_dice,
-                "lr": lr_now,
-                "elapsed_s": round(time.perf_counter() - t0, 2),
-            }
-        )
-        improved = val_dice > best_dice + 1e-4 or best_state is None
-        if improved:
-            best_dice, bad_epochs = val_dice, 0
-        else:
-            bad_epochs += 1
-        # with 1-2 validation images "best epoch" is noise: keep the latest weights instead
-        if improved or few_val:
-            best_epoch, kept_dice = epoch, val_dice
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            best_probs, best_val_loss = probs, val_loss
-        sched.step(val_dice)
-        yield TrainProgress(
-            epoch=epoch,
-            step=step,
-            total_steps=total,
-            loss=float(np.mean(ep_losses)),
-            lr=lr_now,
-            elapsed_s=time.perf_counter() - t0,
-            eta_s=eta(epoch),
-            val_loss=val_loss,
-            val_dice=val_dice,
-            message=f"epoch {epoch}: val Dice {val_dice:.4f} (best {best_dice:.4f})",
-            kind="epoch",
-        )
-        if out_of_time:
-            stop_reason = "time_budget"
-            break
-        if config.early_stopping_patience and bad_epochs >= config.early_stopping_patience:
-            stop_reason = "early_stopping"
-            break
-
-    # ---- best weights, threshold sweep on validation, final metrics
-    if best_state is None:  # cannot happen with epochs >= 1; never save an unvalidated model
-        raise TrainingError("No validation pass completed; no model was saved", "")
-    model.load_state_dict(best_state)
-    model.eval()
-    probs, val_loss, dice05 = best_probs, best_val_loss, kept_dice
-    masks = [p.mask for p in val_p]
-    curve = threshold_sweep(probs, masks, config.thresholds)
-    thr, dice_t = best_threshold(curve)
-    if few_val:  # a sweep over 1-2 images is noise: keep 0.5 (the curve is still stored)
-        thr, dice_t = 0.5, dice05
-    tp = fp = fn = n = 0
-    for p, m in zip(probs, masks, strict=True):
-        a, b, c = pooled_counts(p, m, thr)
-        tp, fp, fn, n = tp + a, fp + b, fn + c, n + m.size
-    val_metrics = {
-        "dice": dice_t,
-        "dice_at_0.5": dice05,
-        "iou": tp / (tp + fp + fn) if tp + fp + fn else 1.0,
-        "precision": tp / (tp + fp) if tp + fp else 1.0,
-        "recall": tp / (tp + fn) if tp + fn else 1.0,
-        "pixel_error": (fp + fn) / n if n else 0.0,
-        "loss": val_loss,
-        "threshold": thr,
-        "n_images": len(val_p),
-        "n_pixels": int(n),
-        "pooled": True,
-        "selection": (
-            f"last epoch and threshold 0.5 (fewer than {MIN_VAL_IMAGES_FOR_SELECTION} "
-            "validation images)"
-            if few_val
-            else "best epoch by validation Dice; threshold swept on validation"
-        ),
-    }
-    if not all(math.isfinite(float(v)) for v in val_metrics.values() if not isinstance(v, str)):
-        raise TrainingError("Validation metrics are not finite; no model was saved", "")
-
-    card = ModelCard(
-        name=name,
-        architecture=model.config.to_dict(),
-        normalization=norm.to_dict(),
-        channel_policy=policy,
-        threshold=thr,
-        diameter=diameter,
-        postprocess=dict(base.card.postprocess) if base is not None else ModelCard().postprocess,
-        threshold_curve=curve,
-        metrics={"val": val_metrics, "best_epoch": best_epoch},
-        training={
-            "config": config.to_dict(),
-            "loss": {"name": config.loss, "params": dict(config.loss_params)},
-            "split": lineage_split.to_dict(),
-            "samples": {
-                "train": [s.key for s in train_s],
-                "val": [s.key for s in val_s],
-                "train_digest": _keys_digest([s.key for s in train_s]),
-                "val_digest": _keys_digest([s.key for s in val_s]),
-            },
-            "parent": parent,
-            "from_scratch": base is None,
-            "freeze_bn": freeze_bn,
-            "channel_adaptation": adaptation,
-            "stop_reason": stop_reason,
-            "epochs_run": len(history),
-            "steps_run": step,
-            "elapsed_s": round(time.perf_counter() - t0, 2),
-            "history": history,
-            "device": str(device),
-            "software": _software_versions(),
-        },
-        parent=parent,
-        description=description,
-    )
-    model.to("cpu")
-    if _is_cancelled(cancel):  # stopped after the last event: still nothing is written
-        raise CancelledError(
-            "Training was stopped", "nothing was saved; the current model is unchanged"
-        )
-    # ---- the only write, after the last yield: a new folder, atomically
-    path: Path | None = None
-    version_id: str | None = None
-    if registry is not None:
-        version_id = registry.save_version(
-            model, card, dtype=config.weights_dtype, make_current=make_current
-        )
-        path = registry.path_of(version_id)
-    elif output_dir is not None:
-        path = save_model(output_dir, model, card, dtype=config.weights_dtype)
-    return TrainResult(model, card, path, version_id, history, stop_reason, best_epoch)
+    run = TrainRun(
+        config, samples, val_samples, base, name, registry, output_dir, cancel, description,
+        make_current, sample_weights,
+    )  # fmt: skip
+    return (yield from run.events())
 
 
 def train(
@@ -771,12 +827,12 @@ def evaluate_model(
     median object diameter, an oracle) rescales the image by ``card.diameter / diameter`` for
     the U-Net and the probabilities back to the image's shape, scored at the original size.
     """
-    from .scale import back_to_shape, median_diameter, resize_image, resized_shape, zoom_factor
+    from .scale import median_diameter, resize_image, resized_shape, zoom_factor
 
     thr = loaded.card.threshold if threshold is None else float(threshold)
     pol = _prep_policy(policy or loaded.card.channel_policy)
     model = loaded.model.eval()
-    tp = fp = fn = 0
+    probs = []
     with torch.no_grad():
         for s in samples:
             img = prepare_image(s.image, loaded.card.in_channels, loaded.card.norm, pol)
@@ -785,16 +841,13 @@ def evaluate_model(
             shape = s.mask.shape
             if f != 1.0:
                 img = resize_image(img, resized_shape(shape, f))
-            logits = _predict_prob(model, np.ascontiguousarray(img), loaded.device)
-            prob = torch.sigmoid(logits).cpu().numpy()
-            prob = back_to_shape(prob, shape).astype(np.float16)
-            a, b, c = pooled_counts(prob, s.mask, thr)
-            tp, fp, fn = tp + a, fp + b, fn + c
+            probs.append(predict_whole(model, img, loaded.device, out_shape=shape)[1])
+    m = pooled_pixel_metrics(probs, [s.mask for s in samples], thr)
     return {
-        "dice": _dice(tp, fp, fn),
-        "iou": tp / (tp + fp + fn) if tp + fp + fn else 1.0,
-        "precision": tp / (tp + fp) if tp + fp else 1.0,
-        "recall": tp / (tp + fn) if tp + fn else 1.0,
+        "dice": m["dice"],
+        "iou": m["iou"],
+        "precision": m["precision"],
+        "recall": m["recall"],
         "threshold": thr,
         "n_images": len(samples),
     }

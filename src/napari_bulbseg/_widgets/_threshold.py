@@ -26,7 +26,7 @@ def suggest_threshold(
     prob: np.ndarray, truth: np.ndarray, slices: list[int]
 ) -> tuple[float, float]:
     """The Dice-optimal threshold over ``slices`` of ``prob`` vs ``truth``: ``(t, dice)``."""
-    from ..training import best_threshold, threshold_sweep
+    from ..metrics import best_threshold, threshold_sweep
 
     probs = [np.asarray(prob[z], dtype=np.float32) for z in slices]
     masks = [np.asarray(truth[z]) > 0 for z in slices]

@@ -1,0 +1,106 @@
+"""The training run's small steps, each driven alone; snapshots; the shared metric helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_bulbseg.events import drain
+from napari_bulbseg.inference import predict_whole
+from napari_bulbseg.metrics import pooled_counts, pooled_pixel_metrics
+from napari_bulbseg.model import UNet, UNetConfig
+from napari_bulbseg.training import TrainRun, Validation, iter_train
+from test_training import discs, tiny
+
+
+def test_steps_run_one_by_one():
+    run = TrainRun(tiny(epochs=2), discs(6, seed=1), val_samples=discs(3, seed=2))
+    run.check_inputs()
+    run.setup()
+    assert len(run.train_p) == 6 and len(run.val_p) == 3 and run.in_c == 1
+    losses = [run.step() for _ in range(3)]
+    assert run.step_count == 3 and all(np.isfinite(losses))
+    val = drain(run.iter_validate())
+    assert isinstance(val, Validation) and len(val.probs) == 3
+    assert all(p.dtype == np.float16 and p.shape == s.mask.shape for p, s in zip(
+        val.probs, run.val_p, strict=True))  # fmt: skip
+    assert val.dice05 == pytest.approx(
+        pooled_pixel_metrics(val.probs, [p.mask for p in run.val_p], 0.5)["dice"]
+    )
+    row = run.end_epoch(1, losses, val)
+    assert row["steps"] == 3 and run.best_epoch == 1 and run.best_state is not None
+    run.finish()
+    card = run.build_card()
+    assert card.threshold in run.config.thresholds
+    assert card.training["steps_run"] == 3 and card.metrics["best_epoch"] == 1
+    result = run.save(card)  # neither registry nor folder: returned, not written
+    assert result.path is None and result.version_id is None
+
+
+def test_a_worse_epoch_does_not_replace_the_kept_weights():
+    run = TrainRun(tiny(), discs(6, seed=1), val_samples=discs(3, seed=2))
+    run.setup()
+    run.step()
+    good = Validation(0.1, 0.9, [np.zeros((64, 64), np.float16)] * 3)
+    run.end_epoch(1, [0.1], good)
+    kept = {k: v.clone() for k, v in run.best_state.items()}
+    with torch.no_grad():
+        next(iter(run.model.parameters())).add_(1.0)
+    run.end_epoch(2, [0.2], Validation(0.2, 0.5, good.probs))
+    assert run.best_epoch == 1 and run.bad_epochs == 1
+    assert all(torch.equal(kept[k], v) for k, v in run.best_state.items())
+
+
+def test_snapshot_does_not_change_the_run():
+    samples, val = discs(6, seed=1), discs(3, seed=2)
+    cfg = dict(epochs=2, steps_per_epoch=3)
+    plain = drain(iter_train(tiny(**cfg), samples, val_samples=val))
+    run = TrainRun(tiny(**cfg), samples, val_samples=val)
+    gen, snaps = run.events(), []
+    try:
+        while True:
+            ev = next(gen)
+            if ev.kind == "step":
+                snaps.append(run.snapshot())
+    except StopIteration as stop:
+        result = stop.value
+    assert len(snaps) == 6
+    assert all(0.0 < s.threshold < 1.0 and not s.model.training for s in snaps)
+    # the snapshot after the last step chose exactly what the run then returned
+    last = snaps[-1]
+    assert last.in_channels == 1 and last.prep_policy == "native"
+    assert last.threshold == result.threshold
+    for k, v in last.model.state_dict().items():
+        assert torch.equal(v, result.model.state_dict()[k]), k
+    # and taking snapshots did not perturb the run
+    for k, v in plain.model.state_dict().items():
+        assert torch.equal(v, result.model.state_dict()[k]), k
+    assert result.threshold == plain.threshold
+    assert [h["val_dice"] for h in result.history] == [h["val_dice"] for h in plain.history]
+
+
+def test_predict_whole_gives_float16_at_the_asked_shape():
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(1, 1, 4, 2)).eval()
+    img = np.random.default_rng(0).normal(size=(1, 37, 53)).astype(np.float32)
+    with torch.no_grad():
+        logits, prob = predict_whole(net, img, torch.device("cpu"))
+        _, back = predict_whole(net, img, torch.device("cpu"), out_shape=(74, 106))
+    assert logits.shape == (37, 53) and prob.shape == (37, 53) and prob.dtype == np.float16
+    ref = torch.sigmoid(net(torch.from_numpy(img[None])))[0, 0].detach().numpy()
+    np.testing.assert_allclose(prob.astype(np.float32), ref, atol=1e-3)
+    assert back.shape == (74, 106) and back.dtype == np.float16
+    assert 0.0 <= float(back.min()) and float(back.max()) <= 1.0
+
+
+def test_pooled_pixel_metrics_pools_counts_not_ratios():
+    a = np.array([[0.9, 0.9], [0.1, 0.1]], np.float32)
+    ma = np.array([[1, 0], [1, 0]], np.uint8)  # tp 1, fp 1, fn 1
+    b = np.zeros((10, 10), np.float32)
+    mb = np.zeros((10, 10), np.uint8)  # nothing to find: tp fp fn 0
+    assert pooled_counts(a, ma, 0.5) == (1, 1, 1)
+    m = pooled_pixel_metrics([a, b], [ma, mb], 0.5)
+    assert m["dice"] == pytest.approx(2 / 4) and m["iou"] == pytest.approx(1 / 3)
+    assert m["pixel_error"] == pytest.approx(2 / 104) and m["n_pixels"] == 104
+    assert m["precision"] == pytest.approx(0.5) and m["recall"] == pytest.approx(0.5)
