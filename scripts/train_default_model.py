@@ -196,9 +196,17 @@ def main(argv: list[str] | None = None) -> int:
         "stained_channels": "RGB(A) → luminance (0.299 R + 0.587 G + 0.114 B), alpha dropped",
         "licence": "CC0 1.0: BBBC039 (Caicedo et al., Cytometry A 2019), BBBC038 / DSB2018",
     }
-    card.training["command"] = "python scripts/train_default_model.py " + " ".join(
-        a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("/")
-    )
+    # the command without this machine's paths: path-valued options are dropped with their value
+    words, skip = [], False
+    for a in argv if argv is not None else sys.argv[1:]:
+        if skip or a.startswith(("/", "--out=", "--data=")):
+            skip = False
+            continue
+        if a in ("--out", "--data"):
+            skip = True
+            continue
+        words.append(a)
+    card.training["command"] = " ".join(["python scripts/train_default_model.py", *words])
     # save at once: a failure below must not lose the training run
     partial = args.out.with_name(args.out.name + ".partial")
     if partial.exists():
