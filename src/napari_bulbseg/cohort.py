@@ -256,6 +256,13 @@ def cached_model(ref: ModelRef, device: str = "auto") -> tuple[Any, float]:
         return loaded, time.perf_counter() - t0
 
 
+def warm_up() -> str:
+    """Import the prediction code (torch) on a worker before the first task; returns where."""
+    from . import inference  # noqa: F401
+
+    return _where()
+
+
 def predict_task(
     path: str,
     staging_dir: str,
