@@ -26,7 +26,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
   echo "setup: installing napari-bulbseg ($what) into $VENV" >&2
   "$VENV/bin/python" -m pip install -q -c constraints.txt torch 2>&1 | grep -v "is ignored" || true
   extras=""
-  [ "$what" = "test" ] && extras="[all,test]"
+  [ "$what" = "test" ] && extras="[all,test,distributed]"
   "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".$extras" 2>&1 | grep -v "is ignored" || true
   "$VENV/bin/python" -c "import napari_bulbseg, torch, safetensors, tifffile" || {
     echo "setup: the install failed (see pip's messages above)" >&2; exit 1; }

@@ -209,63 +209,57 @@ def _predict_options(args: argparse.Namespace) -> Any:
     return PredictOptions(**kw)
 
 
-def _predict_one(
-    path: Path, loaded: Any, options: Any, label: str, diameter: Any = None
-) -> tuple[Any, Any, Any]:
-    """Read one stack and predict it; returns (stack, probabilities, inference.Scale used)."""
-    from .inference import iter_predict
-    from .io import read_stack
+def _predict_inputs(args: argparse.Namespace) -> tuple[Any, list[Path]]:
+    """The output folder and the inputs of ``predict``, checked before any work (the outputs
+    an earlier run wrote into that folder are never inputs)."""
+    from .cohort import not_our_outputs
 
-    stack = read_stack(path)
-    scales: list[Any] = []
-    gen = iter_predict(loaded, stack, options, diameter=diameter, on_scale=scales.append)
-    prob = _run_with_bar(gen, label)
-    return stack, prob, (scales[0] if scales else None)
+    folder = _prepare_output_dir(args.output)
+    files, ours = not_our_outputs(_collect_inputs(args.inputs), folder)
+    if ours:
+        print(f"skipping {len(ours)} output(s) of an earlier run in {folder.path}", file=sys.stderr)
+        if not files:
+            raise InputError(
+                f"Every input is an output bulbseg wrote into {folder.path}",
+                "give the images, and an output folder apart from them",
+            )
+    _check_unique_outputs(files)
+    folder.check_not_ground_truth_of(files)
+    return folder, files
 
 
 # --------------------------------------------------------------------------- commands
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .io import write_mask, write_tiff
-    from .postprocess import postprocess_stack
+    from .cohort import iter_predict_file, output_names
 
-    folder = _prepare_output_dir(args.output)
-    out = folder.path
-    files = _collect_inputs(args.inputs)
-    _check_unique_outputs(files)
-    folder.check_not_ground_truth_of(files)
-    suffixes = ("_mask",) if args.no_prob else ("_mask", "_prob")
-    folder.check_targets(f"{file_stem(f)}{suf}.tif" for f in files for suf in suffixes)
+    if args.cluster is not None or args.scheduler is not None:
+        from .cluster import predict_on_cluster
+
+        return predict_on_cluster(args)
+    folder, files = _predict_inputs(args)
+    folder.check_targets(n for f in files for n in output_names(f, not args.no_prob))
     loaded = _load_model(args.model, args.device)
     spec = _postprocess_from(args, loaded.card)
     options = _predict_options(args)
     print(f"model {loaded.name} on {loaded.device}; {spec}", file=sys.stderr)
     for i, f in enumerate(files, 1):
-        stack, prob, scale = _predict_one(
-            f, loaded, options, _printable(f"[{i}/{len(files)}] {f.name}"), args.diameter
+        gen = iter_predict_file(
+            f,
+            folder.path,
+            loaded,
+            options,
+            spec,
+            diameter=args.diameter,
+            write_prob=not args.no_prob,
+            on_written=folder.record,
         )
-        if scale is not None and scale.message:
-            print(_printable(f"{f.name}: {scale.message}"), file=sys.stderr)
-        mask = postprocess_stack(prob, spec)
-        stem = file_stem(f)
-        meta = {"pixel_size": stack.pixel_size, "unit": stack.unit or "µm"}
-        info = {"model": loaded.name, "diameter_px": scale.diameter if scale else None}
-        pp = None
-        try:
-            if not args.no_prob:
-                pp = write_tiff(
-                    out / f"{stem}_prob.tif", prob.astype("float32"), axes="ZYX", **meta
-                )
-                folder.record(pp, info)
-            mp = write_mask(out / f"{stem}_mask.tif", mask, pixel_size=stack.pixel_size)
-        except BaseException:
-            if pp is not None:  # never a probability map without its mask
-                with contextlib.suppress(OSError):
-                    pp.unlink()
-            raise
-        folder.record(mp, info)
-        print(_printable(f"{f.name}: {int(mask.sum())} foreground pixels -> {mp}"))
+        record = _run_with_bar(gen, _printable(f"[{i}/{len(files)}] {f.name}"))
+        if record.scale_message:
+            print(_printable(f"{f.name}: {record.scale_message}"), file=sys.stderr)
+        mp = folder.path / record.outputs[-1]
+        print(_printable(f"{f.name}: {record.foreground} foreground pixels -> {mp}"))
     return 0
 
 
@@ -487,6 +481,17 @@ def build_parser() -> argparse.ArgumentParser:
         "to the model's trained diameter, outputs keep the input's size (default: no rescaling)",
     )
     _add_predict_options(p)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--cluster",
+        default=None,
+        help="local:N — predict on N worker processes on this machine (dask.distributed)",
+    )
+    where.add_argument(
+        "--scheduler",
+        default=None,
+        help="address of a running dask scheduler (e.g. a dask_jobqueue SLURMCluster's)",
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="compare predicted masks with ground truth")

@@ -1,0 +1,285 @@
+"""``bulbseg predict --cluster local:N`` / ``--scheduler ADDRESS``: a cohort on dask.distributed.
+
+The only module that imports dask, and only inside its functions: it is imported when one of
+those options is given. One task per input file; a task carries the file's path, the output
+folder's staging path, the model's folder + sha256 and the options — never pixels. Each worker
+runs :func:`.cohort.predict_task` (the same per-file prediction as single-process
+``bulbseg predict``), which loads the model once per worker process. The client moves each
+finished file into place, records it, and appends it to the run log, so a rerun skips what is
+finished (see :mod:`.cohort`).
+
+A worker killed mid-task: the scheduler reruns the task on another worker (up to dask's
+``distributed.scheduler.allowed-failures``, 3 by default, then the file is reported as failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .cohort import (
+    FileRecord,
+    Item,
+    ModelRef,
+    OutputLock,
+    RunLog,
+    Summary,
+    commit,
+    describe_error,
+    new_staging_dir,
+    options_key,
+    output_names,
+    plan,
+    predict_task,
+    remove_staging_dir,
+    warm_up,
+)
+from .errors import InputError
+from .events import Progress
+
+#: seconds to wait for a scheduler given with --scheduler
+CONNECT_TIMEOUT_S = 10.0
+_LOCAL = re.compile(r"^local(?::(\d+))?$")
+INSTALL_HINT = 'pip install "napari-bulbseg[distributed]"'
+
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def parse_cluster(spec: str) -> int:
+    """``local:N`` → N worker processes (``local`` alone: one per core)."""
+    m = _LOCAL.match(str(spec).strip())
+    n = None if m is None else (int(m.group(1)) if m.group(1) else cores())
+    if n is None or n < 1:
+        raise InputError(
+            f"Invalid --cluster {spec!r}",
+            "use local:N with N >= 1 worker processes (e.g. local:2), or --scheduler ADDRESS "
+            "for a cluster started elsewhere",
+        )
+    return n
+
+
+def torch_threads(n_workers: int, n_cores: int | None = None) -> int:
+    """Torch threads per local worker so that workers × threads ≤ cores (at least 1)."""
+    return max(1, (n_cores or cores()) // n_workers)
+
+
+def require_distributed() -> Any:
+    try:
+        import distributed
+    except ImportError as e:
+        raise InputError(
+            "--cluster and --scheduler need dask.distributed, which is not installed",
+            INSTALL_HINT,
+        ) from e
+    return distributed
+
+
+@contextlib.contextmanager
+def open_client(
+    cluster: str | None = None, scheduler: str | None = None
+) -> Iterator[tuple[Any, int | None, float]]:
+    """A dask Client: a new LocalCluster (closed on exit) or a running scheduler.
+
+    Yields ``(client, torch threads per task or None, seconds it took to start)``.
+    """
+    distributed = require_distributed()
+    t0 = time.perf_counter()
+    if cluster is not None:
+        n = parse_cluster(cluster)
+        if n > cores():
+            print(
+                f"note: {n} workers on {cores()} core(s): each gets 1 thread, and they share "
+                "the cores",
+                file=sys.stderr,
+            )
+        local = distributed.LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,  # one file at a time per worker; torch gets the cores
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+        try:
+            client = distributed.Client(local)
+            try:
+                yield client, torch_threads(n), time.perf_counter() - t0
+            finally:
+                client.close()
+        finally:
+            local.close()
+        return
+    try:
+        client = distributed.Client(scheduler, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError, ValueError, TypeError) as e:
+        first = " ".join(str(e).split())[:200]
+        raise InputError(
+            f"No dask scheduler answered at {scheduler} within {CONNECT_TIMEOUT_S:g} s ({first})",
+            "start the scheduler (e.g. a dask_jobqueue SLURMCluster) first and pass its "
+            "address, such as tcp://host:8786",
+        ) from None
+    try:
+        yield client, None, time.perf_counter() - t0
+    finally:
+        client.close()
+
+
+def _n_workers(client: Any) -> int:
+    with contextlib.suppress(Exception):
+        return len(client.scheduler_info().get("workers", {}))
+    return 0
+
+
+def iter_run(
+    client: Any,
+    items: Sequence[Item],
+    folder: Any,
+    staging: Path,
+    model: ModelRef,
+    options: Any,
+    postprocess: Any,
+    *,
+    diameter: float | str | None = None,
+    write_prob: bool = True,
+    threads: int | None = None,
+    summary: Summary | None = None,
+) -> Generator[Progress, None, Summary]:
+    """Run ``items`` on ``client``, one task per file; yields Progress by finished files and
+    returns the :class:`~.cohort.Summary`. Closing the generator cancels what has not run."""
+    distributed = require_distributed()
+    summary = summary or Summary(total=len(items))
+    log = RunLog(folder.path)
+    if threads is not None:
+        options = replace(options, num_threads=threads)
+    t0 = time.perf_counter()
+    futures: dict[Any, Item] = {}
+    for i, item in enumerate(items):
+        fut = client.submit(
+            predict_task,
+            str(item.path),
+            str(staging),
+            model,
+            options,
+            postprocess,
+            diameter,
+            write_prob,
+            key=f"bulbseg-predict-{staging.name}-{i}",
+            pure=False,
+        )
+        futures[fut] = item
+    finished = 0
+    try:
+        for fut in distributed.as_completed(list(futures)):
+            item = futures[fut]
+            try:
+                record = fut.result()
+            except distributed.KilledWorker as e:
+                record = _failed(item, model, options, postprocess, diameter, write_prob, e)
+                record = replace(
+                    record,
+                    error="the worker process died while predicting this file, on every retry "
+                    "(killed, or out of memory) — try fewer workers, a smaller --tile or "
+                    "--batch-size",
+                )
+            except Exception as e:
+                record = _failed(item, model, options, postprocess, diameter, write_prob, e)
+            record = commit(record, folder, log, item.stat)
+            (summary.done if record.status == "done" else summary.failed).append(record)
+            finished += 1
+            name = item.path.name
+            msg = f"{name} failed" if record.status != "done" else name
+            yield Progress(finished, len(items), msg)
+    finally:
+        pending = [f for f in futures if not f.done()]
+        if pending:
+            with contextlib.suppress(Exception):
+                client.cancel(pending)
+        summary.seconds = time.perf_counter() - t0
+        summary.workers = _n_workers(client)
+    return summary
+
+
+def _failed(
+    item: Item,
+    model: ModelRef,
+    options: Any,
+    postprocess: Any,
+    diameter: Any,
+    write_prob: bool,
+    e: BaseException,
+) -> FileRecord:
+    return FileRecord(
+        input=str(item.path),
+        status="failed",
+        model=model.name,
+        model_sha256=model.sha256,
+        options=options_key(options, postprocess, diameter, write_prob),
+        error=describe_error(e),
+    )
+
+
+def predict_on_cluster(args: argparse.Namespace) -> int:
+    """``bulbseg predict … --cluster local:N | --scheduler ADDRESS``: returns the exit status
+    (0: every file done or skipped; 1: some failed, named in the summary)."""
+    from . import cli
+
+    if args.cluster is not None:
+        parse_cluster(args.cluster)  # a bad spec fails before anything else
+    require_distributed()
+    folder, files = cli._predict_inputs(args)
+    with OutputLock(folder.path):
+        loaded = cli._load_model(args.model, "cpu")  # checked here, loaded again on workers
+        spec = cli._postprocess_from(args, loaded.card)
+        options = cli._predict_options(args)
+        model = ModelRef.of(loaded)
+        write_prob = not args.no_prob
+        key = options_key(options, spec, args.diameter, write_prob)
+        todo, skipped = plan(files, folder, model.sha256, key)
+        folder.check_targets(n for it in todo for n in output_names(it.path, write_prob))
+        summary = Summary(total=len(files), skipped=skipped)
+        where = f"cluster {args.cluster}" if args.cluster else f"scheduler {args.scheduler}"
+        print(
+            f"model {loaded.name} ({model.sha256[:12]}…); {spec}; {len(todo)} file(s) to do, "
+            f"{len(skipped)} already finished; {where}",
+            file=sys.stderr,
+        )
+        if todo:
+            staging = new_staging_dir(folder.path)
+            try:
+                with open_client(args.cluster, args.scheduler) as (client, threads, startup):
+                    t0 = time.perf_counter()
+                    client.run(warm_up)  # torch imported on the workers before the clock starts
+                    summary.startup_s = startup + time.perf_counter() - t0
+                    gen = iter_run(
+                        client,
+                        todo,
+                        folder,
+                        staging,
+                        model,
+                        options,
+                        spec,
+                        diameter=args.diameter,
+                        write_prob=write_prob,
+                        threads=threads,
+                        summary=summary,
+                    )
+                    cli._run_with_bar(gen, "predict")
+            finally:
+                remove_staging_dir(staging)
+    for line in summary.lines():
+        print(cli._printable(line))
+    return 1 if summary.failed else 0
