@@ -91,6 +91,19 @@ def test_round_trip_import(exported, bulbseg_home: Path) -> None:
     assert db.pop("version") == vid
     da.pop("version")
     assert da == db
+    from napari_bulbseg.inference import PredictOptions, predict_slice
+
+    img = np.random.default_rng(1).random((64, 72)).astype(np.float32)
+    opts = PredictOptions(device="cpu", prob_dtype="float32")
+    pa, pb = predict_slice(a, img, opts), predict_slice(b, img, opts)
+    assert np.abs(pa - pb).max() <= 1e-6
+
+
+def test_cli_import(exported, bulbseg_home: Path, capsys) -> None:
+    _, zpath = exported
+    assert main(["import", str(zpath), "--make-current"]) == 0
+    assert "as version v001" in capsys.readouterr().out
+    assert Registry().current() == "v001"
 
 
 def _rewrite(src: Path, dst: Path, change: dict[str, bytes | None]) -> Path:
