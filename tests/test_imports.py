@@ -23,6 +23,7 @@ ENGINE = [
     "napari_bulbseg.devices",
     "napari_bulbseg.atomic",
     "napari_bulbseg.cli",
+    "napari_bulbseg.bioimageio",
 ]
 
 
@@ -31,7 +32,7 @@ def test_engine_imports_no_qt_or_napari():
         "import importlib, sys, json\n"
         f"for m in {ENGINE!r}: importlib.import_module(m)\n"
         "bad = sorted(k for k in sys.modules if k.split('.')[0] in "
-        "('qtpy','PyQt5','PyQt6','PySide2','PySide6','napari','magicgui','vispy','matplotlib'))\n"
+        "('qtpy','PyQt5','PyQt6','PySide2','PySide6','napari','magicgui','vispy','matplotlib','bioimageio'))\n"
         "print(json.dumps(bad))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,4 +1,5 @@
-"""``bulbseg``: the headless command line — predict, evaluate, train, info, demo. No Qt."""
+"""``bulbseg``: the headless command line — predict, evaluate, train, info, demo, export, import.
+No Qt."""
 
 from __future__ import annotations
 
@@ -446,6 +447,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .bioimageio import export_package
+
+    loaded = _load_model(args.model, "cpu")
+    authors = args.author or None
+    result = export_package(
+        loaded, args.output, force=args.force, authors=authors, license=args.license, test=args.test
+    )
+    for note in result.notes:
+        print(_printable(f"note: {note}"), file=sys.stderr)
+    print(_printable(f"wrote {result.path} (bioimage.io format {result.format_version})"))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .bioimageio import import_package
+    from .registry import Registry
+
+    vid = import_package(args.package, Registry(), make_current=args.make_current)
+    print(_printable(f"imported {args.package} as version {vid}"))
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -534,6 +558,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="bundled")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="write a model as a bioimage.io package (.zip)")
+    p.add_argument("model", help="'bundled', a registry version id or a model folder")
+    p.add_argument("-o", "--output", required=True, help="the .zip to write")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.add_argument("--author", action="append", help="package author (repeatable)")
+    p.add_argument("--license", default="BSD-3-Clause", help="SPDX licence id")
+    p.add_argument("--test", action="store_true", help="also run bioimageio.core's model test")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="register a package written by 'bulbseg export'")
+    p.add_argument("package", help="the .zip")
+    p.add_argument("--make-current", action="store_true", help="make it the current model")
+    p.set_defaults(func=cmd_import)
     return ap
 
 

@@ -153,6 +153,13 @@ class UNet(nn.Module):
         return y[..., :h, :w] if (ph or pw) else y
 
 
+def build_unet(
+    in_channels: int = 1, out_channels: int = 1, base_channels: int = 16, depth: int = 4
+) -> UNet:
+    """A :class:`UNet` from plain keyword arguments (how a bioimage.io package builds it)."""
+    return UNet(UNetConfig(in_channels, out_channels, base_channels, depth))
+
+
 def adapt_input_channels(model: UNet, in_channels: int) -> UNet:
     """A copy of ``model`` taking ``in_channels`` inputs; the first convolution's weights are
     spread evenly over the new channels, so a grey image replicated to every channel gives
