@@ -24,6 +24,7 @@ ENGINE = [
     "napari_bulbseg.atomic",
     "napari_bulbseg.cli",
     "napari_bulbseg.bioimageio",
+    "napari_bulbseg.options",
 ]
 
 
@@ -48,6 +49,30 @@ def test_package_import_is_light():
     version, torch_loaded, numpy_loaded = out.stdout.split()
     assert version.count(".") == 2
     assert torch_loaded == "False" and numpy_loaded == "False"
+
+
+def test_prediction_defaults_load_without_torch_and_are_the_engines():
+    code = (
+        "import sys, json\n"
+        "from napari_bulbseg import options as o\n"
+        "print(json.dumps(['torch' in sys.modules, o.DEFAULT_TILE, o.DEFAULT_OVERLAP]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    torch_loaded, tile, overlap = __import__("json").loads(out.stdout)
+    assert torch_loaded is False
+    from napari_bulbseg.inference import PredictOptions
+
+    opts = PredictOptions()
+    assert (opts.tile, opts.overlap) == (tile, overlap)
+
+
+def test_segment_widget_offers_the_engines_tiling(make_napari_viewer):
+    from conftest import open_dock
+    from napari_bulbseg.inference import PredictOptions
+
+    seg = open_dock(make_napari_viewer(), "Segment")
+    opts = PredictOptions()
+    assert (seg.tile.value, seg.overlap.value) == (opts.tile, opts.overlap)
 
 
 def test_no_pickle_paths_in_package():

@@ -37,6 +37,7 @@ from .errors import InputError, ModelError
 from .events import Progress, drain
 from .model import LoadedModel
 from .normalize import convert_channels, prepare_image
+from .options import DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_TILE
 from .postprocess import threshold_prob
 from .scale import (
     back_to_shape,
@@ -77,9 +78,9 @@ class PredictOptions:
     by itself). See docs/benchmarks.md.
     """
 
-    tile: int = 1280
-    overlap: int = 96
-    batch_size: int = 4
+    tile: int = DEFAULT_TILE
+    overlap: int = DEFAULT_OVERLAP
+    batch_size: int = DEFAULT_BATCH_SIZE
     tta: bool = False
     device: str = "auto"
     amp: bool = True

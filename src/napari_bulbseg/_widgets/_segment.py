@@ -21,6 +21,7 @@ from napari.layers import Image
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
+from ..options import DEFAULT_OVERLAP, DEFAULT_TILE
 from . import _text as T
 from ._jobs import start_job, user_message
 from ._layers import current_index, n_slices
@@ -30,7 +31,6 @@ from ._session import get_session, real_viewer
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
 #: PredictOptions' defaults (not imported here: that would load torch with the plugin menu)
-_DEFAULT_TILE, _DEFAULT_OVERLAP = 512, 96
 
 
 def _load_job(choice: ModelChoice, folder: Any, device: str) -> Generator[None, None, Any]:
@@ -82,11 +82,9 @@ class SegmentWidget(Container):
         self.model = ComboBox(label="Model", choices=self._model_choices, tooltip=T.TIP_MODEL)
         self.folder = FileEdit(label="Folder", mode="d", tooltip=T.TIP_FOLDER, visible=False)
         self.device = ComboBox(label="Device", choices=DEVICES, value="auto", tooltip=T.TIP_DEVICE)
-        self.tile = SpinBox(label="Tile size", value=_DEFAULT_TILE, min=64, max=4096, step=64)
+        self.tile = SpinBox(label="Tile size", value=DEFAULT_TILE, min=64, max=4096, step=64)
         self.tile.tooltip = T.TIP_TILE
-        self.overlap = SpinBox(
-            label="Overlap (px)", value=_DEFAULT_OVERLAP, min=0, max=1024, step=8
-        )
+        self.overlap = SpinBox(label="Overlap (px)", value=DEFAULT_OVERLAP, min=0, max=1024, step=8)
         self.overlap.tooltip = T.TIP_OVERLAP
         self.tta = CheckBox(text="Test-time augmentation", value=False, tooltip=T.TIP_TTA)
         self.run_btn = PushButton(text=T.BTN_RUN)
