@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python scripts/train_default_model.py --out /tmp/newmodel      # data in ../shared/data
+    python scripts/train_default_model.py --out new-model          # data in ../shared/data
     python scripts/train_default_model.py --data /path/to/data --time-budget 4500 --replace
 
 Sources (see the data README): ``bbbc039/train`` (validated on ``bbbc039/val``, the dataset's
