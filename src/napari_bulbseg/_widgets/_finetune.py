@@ -142,9 +142,6 @@ class FinetuneWidget(Container):
         if s.corr_layer is None or not s.reviewed or s.image_layer is None:
             show_warning(T.MSG_NO_CORR)
             return
-        if len(s.reviewed) < 2:
-            show_warning(T.LBL_ONE_REVIEWED)
-            return
         try:
             from ..training import planned_split
 
@@ -157,6 +154,9 @@ class FinetuneWidget(Container):
             (train, val, _), _ = planned_split(config, samples, s.loaded, registry)
         except Exception as e:
             show_warning(user_message(e))
+            return
+        if not train or not val:  # the engine's rule: one slice trains, another validates
+            show_warning(T.LBL_ONE_REVIEWED)
             return
         minutes = float(self.budget.value)
         budget = f"{minutes:g} min" if minutes > 0 else "no time limit"
