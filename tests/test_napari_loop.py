@@ -161,3 +161,42 @@ def test_finetune_says_what_it_will_train_on(make_napari_viewer, qtbot, tmp_path
     assert n_train + n_val == 6 and n_val >= 1 and n_train >= 1
     qtbot.waitUntil(lambda: not ft.running, timeout=60000)
     assert ft.result is not None, ft.status.value
+
+
+def test_a_version_that_is_not_better_is_saved_but_not_made_current(
+    make_napari_viewer, qtbot, tmp_path, bulbseg_home, monkeypatch
+):
+    import napari_bulbseg.training as training
+    from napari_bulbseg._widgets._models import get_registry
+    from napari_bulbseg._widgets._session import get_session
+
+    # every new model now counts as "finds nothing": the widget must keep the user's model
+    monkeypatch.setattr(training, "MIN_USEFUL_DICE", 1.01)
+    viewer = make_napari_viewer()
+    _open_bulbs(viewer, tmp_path, n=6)
+    s = get_session(viewer)
+    seg = open_dock(viewer, "Segment")
+    rw = open_dock(viewer, "Review & correct")
+    ft = open_dock(viewer, "Fine-tune")
+    _segment_with(seg, qtbot, s, _model(tmp_path, "a", threshold=0.5))
+    rw.start_corrections()
+    gt, corr = viewer.layers["bulbs ground truth"], s.corrections.layer
+    idx = np.nonzero(gt.data != corr.data)
+    corr.data_setitem(idx, gt.data[idx])
+    for z in range(6):
+        s.set_reviewed(z, True)
+    loaded, version = s.loaded, s.model_version
+    assert ft.only_better.value  # the default
+    ft.epochs.value, ft.steps.value, ft.patch.value = 1, 1, 32
+    ft.start()
+    qtbot.waitUntil(lambda: not ft.running, timeout=60000)
+    result = ft.result
+    assert result is not None and not result.made_current, ft.status.value
+    assert s.loaded is loaded and s.model_version == version  # the session kept its model
+    reg = get_registry()
+    assert reg.current() != result.version_id
+    assert result.version_id in [v.id for v in reg.list_versions(include_bundled=False)]
+    assert "not made current" in ft.result_lbl.value and "finds next to nothing" in result.verdict
+    assert not ft.repredict_btn.enabled
+    accepted = reg.load(result.version_id).card.training["accepted"]
+    assert accepted["current"] is False and "Dice" in accepted["reason"]

@@ -104,3 +104,86 @@ def test_pooled_pixel_metrics_pools_counts_not_ratios():
     assert m["dice"] == pytest.approx(2 / 4) and m["iou"] == pytest.approx(1 / 3)
     assert m["pixel_error"] == pytest.approx(2 / 104) and m["n_pixels"] == 104
     assert m["precision"] == pytest.approx(0.5) and m["recall"] == pytest.approx(0.5)
+
+
+def _fine_tune_run(registry, best_state_of):
+    """A fine-tuning run from ``registry``'s v001 driven step by step, whose kept weights are
+    replaced by ``best_state_of(run)`` before the end: the verdict is then known in advance."""
+    base = registry.load("v001")
+    cfg = tiny(require_improvement=True)
+    run = TrainRun(cfg, discs(6, seed=21), val_samples=discs(3, seed=22), base=base,
+                   registry=registry)  # fmt: skip
+    run.check_inputs()
+    run.setup()
+    losses = [run.step()]
+    run.end_epoch(1, losses, drain(run.iter_validate()))
+    run.best_state = best_state_of(run)
+    run.finish()
+    card = run.build_card()
+    run.judge(card)
+    return run.save(card)
+
+
+def test_a_model_that_finds_nothing_is_saved_but_not_made_current(tmp_path):
+    from napari_bulbseg.registry import Registry
+    from napari_bulbseg.training import train
+
+    reg = Registry(tmp_path / "models")
+    train(tiny(epochs=2, steps_per_epoch=10), discs(6, seed=1), registry=reg)
+    assert reg.current() == "v001"
+
+    def silenced(run):  # the output layer's bias far below zero: no pixel is foreground
+        state = {k: v.clone() for k, v in run.model.state_dict().items()}
+        last_bias = [k for k in state if k.endswith("bias")][-1]
+        state[last_bias] -= 50.0
+        return state
+
+    result = _fine_tune_run(reg, silenced)
+    assert result.version_id == "v002" and not result.made_current
+    assert reg.current() == "v001"  # the user keeps what they had
+    assert "finds next to nothing" in result.verdict and "v002" in result.verdict
+    card = reg.load("v002").card  # saved all the same, with the reason
+    assert card.training["accepted"]["current"] is False
+    assert card.metrics["val"]["compared"]["new_dice"] < 0.05
+    assert "v002" in result.summary() and "not made current" in result.summary()
+
+
+def test_a_fine_tune_that_does_not_beat_its_base_keeps_the_base_current(tmp_path):
+    from napari_bulbseg.registry import Registry
+    from napari_bulbseg.training import train
+
+    reg = Registry(tmp_path / "models")
+    train(tiny(epochs=3, steps_per_epoch=15), discs(8, seed=1), registry=reg)
+    base_state = {k: v.clone() for k, v in reg.load("v001").model.state_dict().items()}
+
+    def fresh(run):  # an untrained network of the same shape
+        torch.manual_seed(123)
+        return UNet(run.model.config).state_dict()
+
+    result = _fine_tune_run(reg, fresh)
+    compared = result.card.metrics["val"]["compared"]
+    assert compared["base_dice"] > compared["new_dice"]
+    assert not result.made_current and reg.current() == "v001"
+    assert "does not beat its base" in result.verdict
+    for k, v in reg.load("v001").model.state_dict().items():  # the base itself untouched
+        assert torch.equal(v, base_state[k].to(v.dtype)), k
+
+    def base_again(run):  # identical to the base: not better either (ties do not move it)
+        return {k: v.clone() for k, v in base_state.items()}
+
+    assert not _fine_tune_run(reg, base_again).made_current
+
+
+def test_a_better_fine_tune_is_made_current(tmp_path):
+    from napari_bulbseg.registry import Registry
+    from napari_bulbseg.training import train
+
+    reg = Registry(tmp_path / "models")
+    train(tiny(), discs(4, seed=1), registry=reg)  # two steps: a weak base
+    cfg = tiny(epochs=3, steps_per_epoch=20, require_improvement=True)
+    result = train(cfg, discs(8, seed=31), val_samples=discs(3, seed=32),
+                   base=reg.load("v001"), registry=reg)  # fmt: skip
+    compared = result.card.metrics["val"]["compared"]
+    assert compared["new_dice"] > compared["base_dice"] + 0.05
+    assert result.made_current and reg.current() == result.version_id == "v002"
+    assert result.verdict == "" and result.card.training["accepted"]["current"] is True

@@ -62,6 +62,8 @@ def tiny(**kw) -> TrainConfig:
         early_stopping_patience=0,
         num_threads=1,
         thresholds=(0.25, 0.5, 0.75),
+        # a few steps rarely beat their base: these tests are about what gets written
+        require_improvement=False,
     )
     defaults.update(kw)
     return TrainConfig(**defaults)

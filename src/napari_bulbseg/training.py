@@ -65,6 +65,8 @@ CHANNEL_MODES = ("adapt", "convert")
 #: with fewer validation images than this, the best-epoch choice and the threshold sweep are
 #: noise (measured in docs/benchmarks.md, fine-tuning): keep the last weights and threshold 0.5
 MIN_VAL_IMAGES_FOR_SELECTION = 3
+#: below this validation Dice (on slices that hold objects) a new model is never made current
+MIN_USEFUL_DICE = 0.05
 
 
 @dataclass
@@ -83,6 +85,9 @@ class TrainConfig:
     ``diameter``: rescale every image so its median object (from the mask) is this many pixels
     across, and record it in the card (fine-tuning uses the base model's diameter instead);
     ``scale_range``: random zoom ``(low, high)`` of each patch on top (scale augmentation).
+    ``require_improvement``: a new registry version becomes current only when it beats its
+    base on the validation slices and finds objects there (:meth:`TrainRun.judge`); with
+    False it becomes current regardless, and the verdict still says when it should not have.
     """
 
     epochs: int = 20
@@ -115,6 +120,7 @@ class TrainConfig:
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     diameter: float | None = None
     scale_range: tuple[float, float] | None = None
+    require_improvement: bool = True
 
     def validate(self) -> None:
         """Raise :class:`InputError` naming the first invalid setting."""
@@ -198,6 +204,10 @@ class TrainResult:
     #: "completed", "early_stopping" or "time_budget"
     stop_reason: str
     best_epoch: int
+    #: whether the registry's current pointer moved to this version (see :meth:`TrainRun.judge`)
+    made_current: bool = False
+    #: why it was not made current ("" when it was, or when there is no registry)
+    verdict: str = ""
 
     @property
     def threshold(self) -> float:
@@ -210,10 +220,11 @@ class TrainResult:
     def summary(self) -> str:
         """One line for a terminal: where it went, validation Dice, threshold, why it stopped."""
         where = self.version_id or (str(self.path) if self.path else "not saved")
-        return (
+        line = (
             f"{self.card.name} → {where}: validation Dice {self.val_dice:.4f} at threshold "
             f"{self.threshold:.2f} (best epoch {self.best_epoch}, {self.stop_reason})"
         )
+        return f"{line}\n{self.verdict}" if self.verdict else line
 
 
 # --------------------------------------------------------------------------- helpers
@@ -655,6 +666,41 @@ class TrainRun:
             description=self.description,
         )
 
+    def judge(self, card: ModelCard) -> tuple[bool, str]:
+        """Is the new model worth making current? Records the answer in ``card``.
+
+        Both models are scored the same way (:func:`evaluate_model`, whole slices, each at its
+        own card's threshold) on the validation slices. A model that finds next to nothing
+        where the slices hold objects (Dice below :data:`MIN_USEFUL_DICE`) is never made
+        current; a fine-tuned one is made current only when it beats its base there. Either
+        way the version is saved, so the user can still choose it.
+        """
+        has_fg = any(s.mask.any() for s in self.val_s)
+        new = evaluate_model(LoadedModel(self.model, card, device=self.device), self.val_s)
+        base_dice = None
+        if self.base is not None:
+            base_dice = evaluate_model(self.base, self.val_s)["dice"]
+        accepted, reason = True, ""
+        if has_fg and new["dice"] < MIN_USEFUL_DICE:
+            accepted = False
+            reason = (
+                f"its validation Dice is {new['dice']:.3f}: it finds next to nothing on the "
+                f"{len(self.val_s)} held-out slice(s)"
+            )
+        elif base_dice is not None and new["dice"] <= base_dice + 1e-4:
+            accepted = False
+            reason = (
+                f"it does not beat its base on the {len(self.val_s)} held-out slice(s) "
+                f"(Dice {new['dice']:.3f} vs {base_dice:.3f})"
+            )
+        card.metrics["val"]["compared"] = {
+            "new_dice": new["dice"],
+            "base_dice": base_dice,
+            "protocol": "evaluate_model: whole slices, each model at its own card threshold",
+        }
+        card.training["accepted"] = {"current": accepted, "reason": reason}
+        return accepted, reason
+
     def save(self, card: ModelCard) -> TrainResult:
         """The only write: a new registry version or ``output_dir``, atomically."""
         self.model.to("cpu")
@@ -665,16 +711,30 @@ class TrainRun:
         path: Path | None = None
         version_id: str | None = None
         dtype = self.config.weights_dtype
+        accepted = bool(card.training.get("accepted", {}).get("current", True))
+        reason = str(card.training.get("accepted", {}).get("reason", ""))
+        current, verdict = False, ""
         if self.registry is not None:
+            current = self.make_current and (accepted or not self.config.require_improvement)
             version_id = self.registry.save_version(
-                self.model, card, dtype=dtype, make_current=self.make_current
+                self.model, card, dtype=dtype, make_current=current
             )
             path = self.registry.path_of(version_id)
+            if self.make_current and not accepted and not current:
+                verdict = (
+                    f"{version_id} was saved but not made current: {reason}. "
+                    "The current model is unchanged; choose the new version yourself to use it."
+                )
+            elif not accepted:
+                verdict = f"warning: {version_id} was made current although {reason}"
         elif self.output_dir is not None:
             path = save_model(self.output_dir, self.model, card, dtype=dtype)
+            if not accepted:
+                verdict = f"warning: {reason}"
         return TrainResult(
-            self.model, card, path, version_id, self.history, self.stop_reason, self.best_epoch
-        )
+            self.model, card, path, version_id, self.history, self.stop_reason, self.best_epoch,
+            current, verdict,
+        )  # fmt: skip
 
     def snapshot(self) -> Snapshot:
         """What the run would return if its time ran out now — the current weights validated
@@ -767,7 +827,14 @@ class TrainRun:
                 self.stop_reason = "early_stopping"
                 break
         self.finish()
-        return self.save(self.build_card())
+        card = self.build_card()
+        self.check_cancel()
+        yield self._progress(
+            len(self.history), 0.0, len(self.history), message="comparing with the base model"
+            if self.base is not None else "checking the model", kind="validate",
+        )  # fmt: skip
+        self.judge(card)
+        return self.save(card)
 
 
 def iter_train(

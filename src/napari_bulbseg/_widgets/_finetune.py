@@ -8,6 +8,7 @@ from collections.abc import Generator
 from typing import Any
 
 from magicgui.widgets import (
+    CheckBox,
     ComboBox,
     Container,
     FloatSpinBox,
@@ -34,17 +35,12 @@ def _fmt(d: float | None) -> str:
 
 def finetune_job(
     config: Any, samples: list, base: Any, registry: Any, cancel: threading.Event
-) -> Generator[Any, None, tuple[Any, Any, Any]]:
-    """Train, then measure the old and new model on the same validation slices."""
-    from ..model import LoadedModel
-    from ..training import evaluate_model, iter_train
+) -> Generator[Any, None, Any]:
+    """Train; the engine compares the old and new model on the same validation slices and
+    makes the new one current only when it beats the old (``TrainResult.made_current``)."""
+    from ..training import iter_train
 
-    result = yield from iter_train(config, samples, base=base, registry=registry, cancel=cancel)
-    val_keys = set(result.card.training.get("samples", {}).get("val", []))
-    val = [s for s in samples if s.key in val_keys]
-    before = evaluate_model(base, val) if val else None
-    after = evaluate_model(LoadedModel(result.model, result.card), val) if val else None
-    return result, before, after
+    return (yield from iter_train(config, samples, base=base, registry=registry, cancel=cancel))
 
 
 class FinetuneWidget(Container):
@@ -64,13 +60,14 @@ class FinetuneWidget(Container):
         self.patch = SpinBox(label="Patch size", value=256, min=32, max=2048, step=32)
         self.budget = FloatSpinBox(label="Time budget (min)", value=2.0, min=0.0, max=1440.0)
         self.budget.tooltip = T.TIP_BUDGET
+        self.only_better = CheckBox(text=T.CHK_ONLY_BETTER, value=True, tooltip=T.TIP_ONLY_BETTER)
         self.train_btn = PushButton(text=T.BTN_TRAIN)
         self.cancel_btn = PushButton(text=T.BTN_CANCEL, enabled=False)
         self.bar = ProgressBar(value=0, min=0, max=1000, visible=False, label="")
         self.status = text_label("")
         self.plot = CurvePlot()
         self.result_lbl = text_label("")
-        self.repredict_btn = PushButton(text=T.BTN_REPREDICT, enabled=False)
+        self.repredict_btn = PushButton(text=T.BTN_REPREDICT_NONE, enabled=False)
         self.rollback_btn = PushButton(text=T.BTN_ROLLBACK)
         self.extend(
             [
@@ -80,6 +77,7 @@ class FinetuneWidget(Container):
                 self.steps,
                 self.patch,
                 self.budget,
+                self.only_better,
                 self.train_btn,
                 self.cancel_btn,
                 self.bar,
@@ -121,6 +119,7 @@ class FinetuneWidget(Container):
             patch_size=int(self.patch.value),
             loss=str(self.loss.value),
             device="auto",
+            require_improvement=bool(self.only_better.value),
             # leave one core to napari so the viewer stays responsive
             num_threads=max(1, (os.cpu_count() or 2) - 1),
         )
@@ -187,23 +186,32 @@ class FinetuneWidget(Container):
             epoch=ev.epoch, step=ev.step, total=ev.total_steps, loss=ev.loss, eta=ev.eta_s
         )
 
-    def _done(self, res: tuple[Any, Any, Any]) -> None:
+    def _done(self, result: Any) -> None:
         from ..model import load_model
 
-        result, before, after = res
         self.result = result
         version = result.version_id
+        compared = result.card.metrics.get("val", {}).get("compared", {})
         msg = T.LBL_RESULT.format(
             version=version,
-            n=(after or {}).get("n_images", 0),
-            before=_fmt(before and before["dice"]),
-            after=_fmt(after and after["dice"]),
+            n=result.card.metrics.get("val", {}).get("n_images", 0),
+            before=_fmt(compared.get("base_dice")),
+            after=_fmt(compared.get("new_dice")),
         )
+        s = self._session
+        if not result.made_current:  # saved, but the user keeps the model they had
+            msg = f"{msg}\n{result.verdict}"
+            self.result_lbl.value = msg
+            show_warning(msg)
+            return
         self.result_lbl.value = msg
         show_info(msg)
-        s = self._session
         device = getattr(s.loaded, "device", "cpu")
         s.set_model(load_model(result.path, device=device), str(version), version)
+        self._offer_repredict(version)
+
+    def _offer_repredict(self, version: Any) -> None:
+        self.repredict_btn.text = T.BTN_REPREDICT.format(version=version)
         self.repredict_btn.enabled = True
 
     def _aborted(self) -> None:
@@ -254,5 +262,5 @@ class FinetuneWidget(Container):
             return
         s.set_model(loaded, str(version), version)
         self.result_lbl.value = T.LBL_ROLLED.format(version=version)
-        self.repredict_btn.enabled = True
+        self._offer_repredict(version)
         show_info(self.result_lbl.value)

@@ -111,7 +111,13 @@ TIP_BUDGET = (
     "epoch so far is kept."
 )
 BTN_TRAIN = "Fine-tune on reviewed slices"
-BTN_REPREDICT = "Re-predict with the new model"
+BTN_REPREDICT = "Re-predict with version {version}"
+CHK_ONLY_BETTER = "Use the new version only if it beats the current one"
+TIP_ONLY_BETTER = (
+    "Both models are scored on the same held-out slices. A new version that is not better (or "
+    "finds nothing) is still saved, but the current model stays; pick it in Segment to use it."
+)
+BTN_REPREDICT_NONE = "Re-predict (after fine-tuning or a rollback)"
 BTN_ROLLBACK = "Roll back to the previous version"
 LBL_NEED_REVIEW = (
     "Review at least two slices (Review & correct) to fine-tune: one is held out to validate."
