@@ -235,9 +235,16 @@ def _predict_inputs(args: argparse.Namespace) -> tuple[Any, list[Path]]:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .cohort import iter_predict_file, output_names
 
+    if args.rank and args.no_prob:
+        raise InputError("--rank scores the probability maps", "drop --no-prob to use --rank")
     if args.cluster is not None or args.scheduler is not None:
         from .cluster import predict_on_cluster
 
+        if args.rank:
+            raise InputError(
+                "--rank is not done on a cluster",
+                f"run 'bulbseg rank {args.output} -o ranking.csv' once the predictions are written",
+            )
         return predict_on_cluster(args)
     folder, files = _predict_inputs(args)
     folder.check_targets(n for f in files for n in output_names(f, not args.no_prob))
@@ -245,6 +252,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     spec = _postprocess_from(args, loaded.card)
     options = _predict_options(args)
     print(f"model {loaded.name} on {loaded.device}; {spec}", file=sys.stderr)
+    probs: list[Path] = []
     for i, f in enumerate(files, 1):
         gen = iter_predict_file(
             f,
@@ -261,6 +269,41 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(_printable(f"{f.name}: {record.scale_message}"), file=sys.stderr)
         mp = folder.path / record.outputs[-1]
         print(_printable(f"{f.name}: {record.foreground} foreground pixels -> {mp}"))
+        probs.append(folder.path / record.outputs[0])
+    if args.rank:
+        _write_ranking(probs, spec, args.expected_max, args.rank, args.top)
+    return 0
+
+
+def _write_ranking(probs: list[Path], spec: Any, expected_max: int, dest: str, top: int) -> None:
+    from .ranking import rank, score_files, write_ranking_csv
+
+    ranked = rank(score_files(probs, spec, expected_max))
+    out = write_ranking_csv(dest, ranked)
+    print(_printable(f"slices most worth correcting first ({len(ranked)} in all) -> {out}"))
+    for i, s in enumerate(ranked[: max(top, 0)], 1):
+        print(_printable(f"{i:3d}. {s.source} slice {s.index}: score {s.score:.3f} — {s.reasons}"))
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    probs: list[Path] = []
+    for item in args.inputs:
+        p = Path(item)
+        if p.is_dir():
+            probs += sorted(p.glob("*_prob.tif"))
+        elif p.exists():
+            probs.append(p)
+        else:
+            raise InputError(f"{p} does not exist", "give *_prob.tif files or their folder")
+    if not probs:
+        raise InputError(
+            "No probability maps (*_prob.tif) found",
+            "run bulbseg predict without --no-prob first, then rank its output folder",
+        )
+    loaded = _load_model(args.model, "cpu")
+    spec = _postprocess_from(args, loaded.card)
+    print(f"ranking {len(probs)} probability map(s) under {spec}", file=sys.stderr)
+    _write_ranking(probs, spec, args.expected_max, args.output, args.top)
     return 0
 
 
@@ -488,6 +531,24 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message, self.prog)
 
 
+def _add_rank_options(p: argparse.ArgumentParser, *flags: str, required: bool = False) -> None:
+    p.add_argument(
+        *flags,
+        dest="rank" if "--rank" in flags else "output",
+        default=None,
+        required=required,
+        metavar="CSV",
+        help="write the slices ranked by how much they are worth correcting (CSV)",
+    )
+    p.add_argument(
+        "--expected-max",
+        type=int,
+        default=0,
+        help="most objects a slice should hold, for ranking when --keep-largest is off",
+    )
+    p.add_argument("--top", type=int, default=10, help="print the N slices to correct first")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="bulbseg", description="U-Net segmentation of microscopy stacks")
     ap.add_argument("--version", action="version", version=f"napari-bulbseg {__version__}")
@@ -516,7 +577,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="address of a running dask scheduler (e.g. a dask_jobqueue SLURMCluster's)",
     )
+    _add_rank_options(p, "--rank")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "rank", help="rank slices by how much they are worth correcting (from *_prob.tif)"
+    )
+    p.add_argument("inputs", nargs="+", help="*_prob.tif files, or folders bulbseg predict wrote")
+    p.add_argument(
+        "--model",
+        default="bundled",
+        help="whose card gives the default threshold and object rules (default: bundled)",
+    )
+    p.add_argument("--threshold", type=float, default=None, help="probability threshold")
+    p.add_argument("--min-size", type=int, default=None, help="remove objects smaller than this")
+    p.add_argument("--keep-largest", type=int, default=None, help="keep the N largest objects")
+    p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=None)
+    _add_rank_options(p, "-o", "--output", required=True)
+    p.set_defaults(func=cmd_rank)
 
     p = sub.add_parser("evaluate", help="compare predicted masks with ground truth")
     p.add_argument("--pred", required=True, help="folder (or file) of predicted masks")
