@@ -17,6 +17,7 @@ from ._jobs import start_job
 from ._layers import diff_colormap, upsert_labels
 from ._metrics_view import MetricsTable
 from ._qt import Connections, single_shot, text_label
+from ._queue import CorrectNextQueue
 from ._session import get_session, real_viewer
 
 _EVENTS = ("paint", "data", "set_data")
@@ -38,7 +39,10 @@ class ReviewWidget(Container):
         self.restore_lbl = text_label("", visible=False)
         self.restore_btn = PushButton(text=T.BTN_RESTORE, visible=False)
         self.reviewed = CheckBox(text=T.CHK_REVIEWED, tooltip=T.TIP_REVIEWED)
-        self.next_btn = PushButton(text=T.BTN_NEXT)
+        self.next_btn = PushButton(text=T.BTN_NEXT, tooltip=T.TIP_NEXT)
+        self.queue_lbl = text_label(T.LBL_QUEUE_WAIT)
+        self.queue = CorrectNextQueue(s, self.goto_slice)
+        self.goto_btn = PushButton(text=T.BTN_GOTO_NEXT, tooltip=T.TIP_QUEUE)
         self.reset_btn = PushButton(text="Reset this slice to the prediction")
         self.slice_lbl = text_label(T.LBL_NO_TRUTH)
         self.summary_lbl = text_label("")
@@ -54,10 +58,11 @@ class ReviewWidget(Container):
                 self.restore_btn,
                 row,
                 self.reset_btn,
-                self.slice_lbl,
-                self.summary_lbl,
+                self.queue_lbl,
             ]
         )
+        self.native.layout().addWidget(self.queue)
+        self.extend([self.goto_btn, self.slice_lbl, self.summary_lbl])
         self.native.layout().addWidget(self.table)
         self.extend([self.export_btn, self.saved_lbl])
         self._slice_timer = single_shot(self.native, 30, self.update_current)
@@ -68,6 +73,7 @@ class ReviewWidget(Container):
         self.restore_btn.changed.connect(self.restore)
         self.reviewed.changed.connect(self._on_reviewed)
         self.next_btn.changed.connect(self.reviewed_next)
+        self.goto_btn.changed.connect(self.goto_next)
         self.reset_btn.changed.connect(self.reset_slice)
         self.export_btn.changed.connect(lambda: self.export_csv())
         for ev in (viewer.layers.events.inserted, viewer.layers.events.removed):
@@ -76,6 +82,7 @@ class ReviewWidget(Container):
         c.connect(s.events.prediction_updated, self._on_prediction)
         c.connect(s.events.prediction_started, self._on_started)
         c.connect(s.events.reviewed_changed, self._sync_reviewed)
+        self.queue.refilled.connect(self._update_queue_label)
         self.corrections = s.corrections
         c.connect(self.corrections.saved, self._on_saved)
         c.connect(self.corrections.offered, self._offer)
@@ -229,6 +236,9 @@ class ReviewWidget(Container):
         image = self._session.image_layer
         if image is not None and self.corrections.layer is None:
             self.corrections.check_saved(image)
+        has_pred = self._session.prob is not None
+        self.reviewed.enabled = self.next_btn.enabled = has_pred
+        self._update_queue_label()
         self.refresh_all()
 
     def _use_corrections(self, layer: Labels | None) -> Labels | None:
@@ -262,16 +272,54 @@ class ReviewWidget(Container):
             self.reviewed.value = self._session.displayed() in self._session.reviewed
 
     def _on_reviewed(self, value: bool) -> None:
+        if self._session.prob is None:  # nothing predicted: there is nothing to review
+            with self.reviewed.changed.blocked():
+                self.reviewed.value = False
+            return
         self._session.set_reviewed(self._session.displayed(), bool(value))
         self._stack_timer.start()
 
     def reviewed_next(self) -> None:
-        """Mark the displayed slice reviewed and step to the next one."""
+        """Mark the displayed slice reviewed and show the one most worth correcting next (the
+        next slice in order while the queue is empty)."""
+        s = self._session
+        if s.prob is None:
+            show_warning(T.MSG_NEED_PRED)
+            return
         self.reviewed.value = True
+        image = s.image_layer
+        if image is None or image.ndim != 3:
+            return
+        z = self.queue.top(besides=s.displayed())
+        if z is None and not self.queue.scores:
+            z = min(s.displayed() + 1, image.data.shape[0] - 1)
+        if z is not None:
+            self.goto_slice(z)
+
+    def goto_next(self) -> int | None:
+        """Show the unreviewed slice at the top of the queue; returns it (None: none left)."""
+        z = self.queue.top()
+        if z is None:
+            show_info(self.queue_lbl.value)
+            return None
+        self.goto_slice(z)
+        return z
+
+    def goto_slice(self, z: int) -> None:
         image = self._session.image_layer
         if image is not None and image.ndim == 3:
-            z = min(self._session.displayed() + 1, image.data.shape[0] - 1)
             self._viewer.dims.set_point(0, float(image.data_to_world([z, 0, 0])[0]))
+
+    def _update_queue_label(self, *_: Any) -> None:
+        s = self._session
+        n = self.queue.count()
+        if n:
+            self.queue_lbl.value = T.LBL_QUEUE.format(n=n)
+        elif self.queue.scores and s.done is not None and s.done.all():
+            self.queue_lbl.value = T.LBL_QUEUE_EMPTY
+        else:
+            self.queue_lbl.value = T.LBL_QUEUE_WAIT
+        self.goto_btn.enabled = n > 0
 
     def export_csv(self, path: str | Path | None = None) -> Path | None:
         """Write the per-slice metrics table to CSV (asks for a file when ``path`` is None)."""

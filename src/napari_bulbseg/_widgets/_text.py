@@ -77,7 +77,23 @@ BTN_RESTORE = "Restore saved corrections"
 LBL_RESTORE = "Saved corrections found ({n} reviewed slice(s), {when})."
 CHK_REVIEWED = "This slice is reviewed"
 TIP_REVIEWED = "Reviewed slices are used for fine-tuning and for the threshold suggestion."
-BTN_NEXT = "Reviewed → next slice"
+BTN_NEXT = "Reviewed → next to correct"
+TIP_NEXT = (
+    "Mark this slice reviewed and show the unreviewed slice most worth correcting "
+    "(the top of the list below; the next slice in order while there is no list yet)."
+)
+BTN_GOTO_NEXT = "Show the slice most worth correcting"
+LBL_QUEUE = "Correct next ({n} unreviewed slice(s), most worth correcting first):"
+LBL_QUEUE_EMPTY = "Correct next: every predicted slice is reviewed."
+LBL_QUEUE_WAIT = "Correct next: the list appears once slices are predicted."
+QUEUE_ROW = "slice {z} · {score:.2f} · {why}"
+TIP_QUEUE = (
+    "Unreviewed slices ranked by how much correcting them is likely to teach the model: "
+    "uncertain pixels (expected error from the probabilities), more objects than your keep-N "
+    "or expected count allows, small specks, and area jumps between neighbouring slices. "
+    "Click a row to show that slice. Reviewed slices leave the list; it is refreshed after "
+    "every prediction and change of the rules."
+)
 BTN_EXPORT = "Export metrics CSV…"
 LBL_SUMMARY = (
     "Stack ({n} slices): Dice {dice:.3f} · IoU {iou:.3f} · pixel error {err:.2f}% · "
