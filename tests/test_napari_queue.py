@@ -17,7 +17,7 @@ pytestmark = pytest.mark.gui
 
 def _engine_order(s, exclude=()):
     scores = score_stack(s.prob, s.spec, s.expected_max, is_stack=True)
-    return [sc.index for sc in rank(scores, exclude=exclude)]
+    return [sc.index for sc in rank(scores, exclude=exclude, spread=True)]
 
 
 def _listed(rw):

@@ -145,3 +145,15 @@ def test_rank_refuses_what_it_cannot_rank(tmp_path, capsys):
                "--rank", str(tmp_path / "r.csv")])  # fmt: skip
     assert rc != 0 and "drop --no-prob" in capsys.readouterr().err
     assert not (tmp_path / "r.csv").exists()
+
+
+def test_spread_defers_neighbours_of_listed_and_reviewed_slices():
+    stack = np.stack([_confident()] * 6)
+    for z, level in ((2, 0.52), (3, 0.53), (5, 0.56)):  # doubtful objects; 2 the most
+        stack[z][_disc((64, 64), 32, 32, 12)] = level
+    scores = score_stack(stack, PostProcess(), is_stack=False)
+    assert [s.index for s in rank(scores)] == [2, 3, 5, 0, 1, 4]
+    # 3 is 2's neighbour, 1 and 4 sit beside listed slices: they wait, in their own order
+    assert [s.index for s in rank(scores, spread=True)] == [2, 5, 0, 3, 1, 4]
+    # a reviewed slice's neighbours wait too
+    assert [s.index for s in rank(scores, exclude={5}, spread=True)] == [2, 0, 3, 1, 4]

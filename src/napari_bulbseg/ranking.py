@@ -4,12 +4,13 @@ Nothing here needs ground truth or another forward pass. Each slice gets
 
 * ``expected_error`` — one minus the Dice the mask would have if the probabilities were
   calibrated: with ``M`` the shown mask and ``p`` the probabilities (those within 0.05 of 0
-  or 1 taken as certain),
-  ``(Σ_{M}(1−p) + Σ_{¬M} p) / (|M| + Σ p)``, i.e. expected false positives plus false
-  negatives over expected predicted-plus-true area. Uncertain edges, faint objects and
-  half-detected ones raise it; a confidently empty or confidently segmented slice scores ~0.
-  The denominator is floored at half the stack's typical object area, so the few
-  near-threshold pixels of an empty slice do not count as a 100 % error;
+  or 1 taken as certain), ``(Σ_{M}(1−p) + Σ_{¬M} p) / (|M| + Σ p)``, i.e. expected false
+  positives plus false negatives over expected predicted-plus-true area (floored at half the
+  stack's typical object area). Shown to the user: "31 % expected error";
+* ``error_share`` — the same expected wrong pixels over the *stack's* mean expected area: how
+  much of a typical slice's worth of objects is likely wrong here. This is what enters the score,
+  because the stack's pooled Dice counts pixels: a nearly empty end slice with a few doubtful
+  pixels is 100 % uncertain but matters little, a full slice with a doubtful rim matters more;
 * ``extra_objects`` — objects beyond the rule the user set (keep the N largest, or the expected
   maximum count), counted before keep-N removes them: the model saw more than there should be;
 * ``specks`` — objects in the shown mask smaller than a fifth of the stack's typical object:
@@ -17,9 +18,11 @@ Nothing here needs ground truth or another forward pass. Each slice gets
 * ``area_change`` — in a stack, how far the slice's foreground area departs from the mean of its
   neighbours (relative): a bulb that vanishes for one slice is suspect.
 
-``score = expected_error + 0.25·min(extra, 4) + 0.05·min(specks, 10) + 0.5·min(area_change, 1)``;
-higher is more worth correcting. The weights are round numbers, not fitted; what ranking by it
-buys over random or file order is measured in ``benchmarks/bench_hitl.py`` (docs/hitl.md).
+``score = error_share + 0.25·min(extra, 4) + 0.05·min(specks, 10) + 0.5·min(area_change, 1)``;
+higher is more worth correcting. :func:`rank` orders by it and, in a stack, defers a slice
+whose neighbour is already ahead of it in the list (adjacent slices are near-duplicates: the
+second teaches little). The weights are round numbers, not fitted; what ranking by it buys over
+random or file order is measured in ``benchmarks/bench_hitl.py`` (docs/hitl.md).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class SliceScore:
     index: int
     score: float
     expected_error: float
+    error_share: float
     extra_objects: int
     specks: int
     area_change: float
@@ -152,10 +156,12 @@ def _combine(
     floor = max(MIN_FLOOR_PX, 0.5 * typical)
     limit = spec.keep_largest or expected_max
     zs = sorted(raw)
+    mean_area = max(float(np.mean([r.shown + r.mass for r in raw.values()] or [0.0])), floor)
     out = []
     for i, z in enumerate(zs):
         r = raw[z]
         err = (r.fp + r.fn) / max(r.shown + r.mass, floor)
+        share = (r.fp + r.fn) / mean_area
         extra = max(0, r.n_before_keep - limit) if limit > 0 else 0
         specks = 0
         if all_sizes.size >= 3:
@@ -175,6 +181,7 @@ def _combine(
                 index=z,
                 score=round(float(score), 6),
                 expected_error=round(float(err), 6),
+                error_share=round(float(share), 6),
                 extra_objects=int(extra),
                 specks=specks,
                 area_change=round(float(change), 6),
@@ -186,12 +193,27 @@ def _combine(
     return out
 
 
-def rank(scores: Iterable[SliceScore], exclude: Iterable[int] = ()) -> list[SliceScore]:
+def rank(
+    scores: Iterable[SliceScore], exclude: Iterable[int] = (), spread: bool = False
+) -> list[SliceScore]:
     """Most worth correcting first; slices in ``exclude`` (e.g. reviewed ones) left out.
-    Ties keep slice order, so the ranking is deterministic."""
+
+    ``spread`` (for the slices of one stack): a slice whose neighbour (±1, same source) is
+    already listed — or excluded as reviewed — moves behind every slice without one, keeping
+    its order among the moved. Ties keep slice order, so the ranking is deterministic."""
     skip = set(exclude)
-    kept = [s for s in scores if s.index not in skip]
-    return sorted(kept, key=lambda s: (-s.score, s.source, s.index))
+    ordered = sorted(
+        (s for s in scores if s.index not in skip), key=lambda s: (-s.score, s.source, s.index)
+    )
+    if not spread:
+        return ordered
+    taken = {(src, z) for src in {s.source for s in ordered} for z in skip}
+    first, later = [], []
+    for s in ordered:
+        near = (s.source, s.index - 1) in taken or (s.source, s.index + 1) in taken
+        (later if near else first).append(s)
+        taken.add((s.source, s.index))
+    return first + later
 
 
 #: the CSV's columns: the rank, the file, the slice's scores, the reasons in words

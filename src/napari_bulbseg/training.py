@@ -230,6 +230,14 @@ class TrainResult:
 # --------------------------------------------------------------------------- helpers
 
 
+def _beats(new: dict[str, float], base_dice: float, base_err: float | None) -> bool:
+    """A higher Dice wins; on a tie (e.g. held-out slices without objects, where both score 0)
+    fewer wrong pixels do."""
+    if abs(new["dice"] - base_dice) > 1e-4:
+        return new["dice"] > base_dice
+    return base_err is not None and new["pixel_error"] < base_err - 1e-9
+
+
 def _set_bn_eval(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -677,9 +685,10 @@ class TrainRun:
         """
         has_fg = any(s.mask.any() for s in self.val_s)
         new = evaluate_model(LoadedModel(self.model, card, device=self.device), self.val_s)
-        base_dice = None
+        base_dice = base_err = None
         if self.base is not None:
-            base_dice = evaluate_model(self.base, self.val_s)["dice"]
+            old = evaluate_model(self.base, self.val_s)
+            base_dice, base_err = old["dice"], old["pixel_error"]
         accepted, reason = True, ""
         if has_fg and new["dice"] < MIN_USEFUL_DICE:
             accepted = False
@@ -687,7 +696,7 @@ class TrainRun:
                 f"its validation Dice is {new['dice']:.3f}: it finds next to nothing on the "
                 f"{len(self.val_s)} held-out slice(s)"
             )
-        elif base_dice is not None and new["dice"] <= base_dice + 1e-4:
+        elif base_dice is not None and not _beats(new, base_dice, base_err):
             accepted = False
             reason = (
                 f"it does not beat its base on the {len(self.val_s)} held-out slice(s) "
@@ -696,6 +705,8 @@ class TrainRun:
         card.metrics["val"]["compared"] = {
             "new_dice": new["dice"],
             "base_dice": base_dice,
+            "new_pixel_error": new["pixel_error"],
+            "base_pixel_error": base_err,
             "protocol": "evaluate_model: whole slices, each model at its own card threshold",
         }
         card.training["accepted"] = {"current": accepted, "reason": reason}
@@ -915,6 +926,7 @@ def evaluate_model(
         "iou": m["iou"],
         "precision": m["precision"],
         "recall": m["recall"],
+        "pixel_error": m["pixel_error"],
         "threshold": thr,
         "n_images": len(samples),
     }

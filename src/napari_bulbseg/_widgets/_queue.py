@@ -46,6 +46,7 @@ class CorrectNextQueue(QListWidget):
         self._worker: Any = None
         self._again = False
         self.scores: list[Any] = []
+        self._is_stack = True
         self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.setToolTip(T.TIP_QUEUE)
         row = self.fontMetrics().height() + 6
@@ -84,6 +85,7 @@ class CorrectNextQueue(QListWidget):
             return
         image = s.image_layer
         is_stack = image is not None and image.ndim >= 3 and s.prob.shape[0] > 1
+        self._is_stack = is_stack
         prob = s.prob
         self._worker = start_job(
             score_job(prob, s.done.copy(), s.spec, int(s.expected_max), is_stack),
@@ -113,7 +115,7 @@ class CorrectNextQueue(QListWidget):
         """Unreviewed slices, most worth correcting first."""
         from ..ranking import rank
 
-        return rank(self.scores, exclude=self._session.reviewed)
+        return rank(self.scores, exclude=self._session.reviewed, spread=self._is_stack)
 
     def top(self, besides: int | None = None) -> int | None:
         """The slice to correct next (not ``besides``), or None when none is left."""
