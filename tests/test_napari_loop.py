@@ -153,6 +153,7 @@ def test_finetune_says_what_it_will_train_on(make_napari_viewer, qtbot, tmp_path
         s.set_reviewed(z, True)
     assert "6 reviewed slice(s) ready" in ft.ready_lbl.value
     ft.epochs.value, ft.steps.value, ft.patch.value = 1, 1, 32
+    ft.then_predict.value = False  # this test re-predicts itself (or not at all)
     ft.start()
     msg = ft.status.value
     assert "held out to validate" in msg
@@ -188,6 +189,7 @@ def test_a_version_that_is_not_better_is_saved_but_not_made_current(
     loaded, version = s.loaded, s.model_version
     assert ft.only_better.value  # the default
     ft.epochs.value, ft.steps.value, ft.patch.value = 1, 1, 32
+    ft.then_predict.value = False  # this test re-predicts itself (or not at all)
     ft.start()
     qtbot.waitUntil(lambda: not ft.running, timeout=60000)
     result = ft.result

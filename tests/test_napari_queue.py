@@ -93,3 +93,49 @@ def test_reviewed_tick_without_a_prediction_does_nothing(make_napari_viewer, qtb
     rw.reviewed.value = True  # e.g. a keyboard toggle while disabled
     assert s.reviewed == set() and rw.reviewed.value is False
     assert np.all(viewer.layers["bulbs"].data >= 0)  # the image is untouched
+
+
+def test_rounds_fine_tune_then_predict_and_refresh_the_queue(
+    make_napari_viewer, qtbot, tmp_path, bulbseg_home
+):
+    """Fine-tune → the stack is predicted again with the new version → the queue is rescored;
+    twice; the panel lists both rounds."""
+    from napari_bulbseg._widgets._session import get_session
+
+    viewer = make_napari_viewer()
+    _open_bulbs(viewer, tmp_path, n=6)
+    s = get_session(viewer)
+    seg = open_dock(viewer, "Segment")
+    rw = open_dock(viewer, "Review & correct")
+    ft = open_dock(viewer, "Fine-tune")
+    _segment_with(seg, qtbot, s, _model(tmp_path, "a", threshold=0.5, shift=0.3))
+    rw.start_corrections()
+    gt, corr = viewer.layers["bulbs ground truth"], s.corrections.layer
+    idx = np.nonzero(gt.data != corr.data)
+    corr.data_setitem(idx, gt.data[idx])
+    for z in (0, 2, 4):
+        s.set_reviewed(z, True)
+    qtbot.waitUntil(lambda: not rw.queue.busy and rw.queue.count() == 3, timeout=10000)
+    assert ft.then_predict.value  # the default: a round ends with new predictions
+    ft.only_better.value = False  # one step need not beat its base; this test follows the loop
+    ft.epochs.value, ft.steps.value, ft.patch.value = 1, 1, 32
+    versions = []
+    for _round in range(2):
+        old_prob, old_scores = s.prob, [(sc.index, sc.score) for sc in rw.queue.scores]
+        ft.start()
+        qtbot.waitUntil(lambda: not ft.running, timeout=60000)
+        assert ft.result is not None and ft.result.made_current, ft.status.value
+        versions.append(ft.result.version_id)
+        # the Segment dock predicts the stack again with the new version
+        qtbot.waitUntil(lambda o=old_prob: s.prob is not o and s.done.all(), timeout=30000)
+        qtbot.waitUntil(lambda: not seg.running and not rw.queue.busy, timeout=30000)
+        qtbot.waitUntil(
+            lambda o=old_scores: [(sc.index, sc.score) for sc in rw.queue.scores] != o,
+            timeout=10000,
+        )
+        assert seg.model.value.version == versions[-1] == s.model_version
+        assert _listed(rw) == _engine_order(s, exclude=s.reviewed)
+        assert set(_listed(rw)) == {1, 3, 5}  # reviewed slices stay out of the queue
+    assert versions == ["v001", "v002"]
+    label = ft.rounds_lbl.value
+    assert label.index("v001") < label.index("v002") and label.count("→") >= 2

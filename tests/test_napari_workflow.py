@@ -80,6 +80,7 @@ def test_workflow_end_to_end(make_napari_viewer, qtbot, tmp_path, tiny_model_dir
     # --- fine-tune a few steps → a new registry version, current, loaded in the session
     ft = open_dock(viewer, "Fine-tune")
     ft.epochs.value, ft.steps.value, ft.patch.value = 1, 2, 32
+    ft.then_predict.value = False  # this test re-predicts itself (or not at all)
     ft.only_better.value = False  # two steps need not beat the base; this test follows the loop
     ft.start()
     qtbot.waitUntil(lambda: not ft.running, timeout=60000)
@@ -121,6 +122,7 @@ def test_cancel_prediction_and_finetune(
     assert corr is not None
     ft = open_dock(viewer, "Fine-tune")
     ft.epochs.value, ft.steps.value, ft.patch.value = 50, 50, 32
+    ft.then_predict.value = False  # this test re-predicts itself (or not at all)
     ft.start()
     qtbot.waitUntil(lambda: len(ft.plot.loss) > 0, timeout=30000)
     ft.cancel()
@@ -131,6 +133,7 @@ def test_cancel_prediction_and_finetune(
 
 def _finetune_round(viewer, qtbot, ft, s):
     ft.epochs.value, ft.steps.value, ft.patch.value = 1, 2, 32
+    ft.then_predict.value = False  # this test re-predicts itself (or not at all)
     ft.only_better.value = False  # rounds of two steps need not beat their base
     ft.start()
     qtbot.waitUntil(lambda: not ft.running, timeout=60000)

@@ -172,3 +172,24 @@ def test_losing_the_rename_race_retries_with_the_next_id(tmp_path, bundled, monk
     assert reg.info("v002").val_dice == pytest.approx(0.9)  # theirs, intact
     assert reg.info("v003").val_dice == pytest.approx(0.7)  # ours, not lost
     assert not list(reg.root.glob(".v*.tmp"))
+
+
+def test_lineage_walks_the_rounds_back_to_the_bundled_model(tmp_path, bundled):
+    reg = Registry(tmp_path / "models")
+    v1 = reg.save_version(tiny_model(1), card(parent=bundled_ref(), dice=0.6))
+    v2 = reg.save_version(tiny_model(2), card(parent=v1, dice=0.7))
+    side = reg.save_version(tiny_model(3), card(parent=v1, dice=0.65))  # a branch from v001
+    v4 = reg.save_version(tiny_model(4), card(parent=v2, dice=0.8))
+    assert [(i.id, i.val_dice) for i in reg.lineage(v4)] == [("v001", 0.6), ("v002", 0.7),
+                                                            ("v004", 0.8)]  # fmt: skip
+    assert [i.id for i in reg.lineage(side)] == ["v001", side]
+    assert [i.id for i in reg.lineage("current")] == ["v001", "v002", "v004"]
+    assert reg.lineage("bundled") == []
+    # a parent outside the registry, or a loop in damaged cards, ends the walk
+    v5 = reg.save_version(tiny_model(5), card(parent="t@sha256:abc"))
+    assert [i.id for i in reg.lineage(v5)] == [v5]
+    cardfile = reg.root / v1 / "model.json"
+    d = json.loads(cardfile.read_text())
+    d["parent"] = v4  # v001 → v004 → v002 → v001 …
+    cardfile.write_text(json.dumps(d))
+    assert len(reg.lineage(v4)) <= 3

@@ -204,6 +204,27 @@ class Registry:
         vid = BUNDLED if vid.startswith(BUNDLED) else vid
         return self._info(vid, self.path_of(vid), self.current())
 
+    def lineage(self, version_id: str, limit: int = 100) -> list[VersionInfo]:
+        """``version_id`` and its registry ancestors, oldest first (the fine-tuning rounds that
+        led to it); stops at the bundled model, a missing or damaged parent, or ``limit``."""
+        out: list[VersionInfo] = []
+        seen: set[str] = set()
+        vid: str | None = str(version_id)
+        while vid and len(out) < limit:
+            try:
+                vid = self._resolve(vid)
+            except ModelError:
+                break
+            if vid.startswith(BUNDLED) or vid in seen or not (self.root / vid).is_dir():
+                break
+            seen.add(vid)
+            info = self._info(vid, self.root / vid, self.current())
+            out.append(info)
+            if not info.ok:
+                break
+            vid = info.parent
+        return out[::-1]
+
     # ------------------------------------------------------------------ saving and loading
 
     def check_writable(self) -> None:

@@ -67,6 +67,8 @@ class FinetuneWidget(Container):
         self.status = text_label("")
         self.plot = CurvePlot()
         self.result_lbl = text_label("")
+        self.rounds_lbl = text_label("", tooltip=T.TIP_ROUNDS)
+        self.then_predict = CheckBox(text=T.CHK_THEN_PREDICT, value=True)
         self.repredict_btn = PushButton(text=T.BTN_REPREDICT_NONE, enabled=False)
         self.rollback_btn = PushButton(text=T.BTN_ROLLBACK)
         self.extend(
@@ -78,6 +80,7 @@ class FinetuneWidget(Container):
                 self.patch,
                 self.budget,
                 self.only_better,
+                self.then_predict,
                 self.train_btn,
                 self.cancel_btn,
                 self.bar,
@@ -85,7 +88,7 @@ class FinetuneWidget(Container):
             ]
         )
         self.native.layout().addWidget(self.plot)
-        self.extend([self.result_lbl, self.repredict_btn, self.rollback_btn])
+        self.extend([self.result_lbl, self.rounds_lbl, self.repredict_btn, self.rollback_btn])
         self.train_btn.changed.connect(self.start)
         self.cancel_btn.changed.connect(self.cancel)
         self.repredict_btn.changed.connect(self.repredict)
@@ -93,7 +96,9 @@ class FinetuneWidget(Container):
         c = Connections(self.native)
         c.connect(s.events.reviewed_changed, self._update_ready)
         c.connect(s.events.model_changed, self._update_ready)
+        c.connect(s.events.model_changed, self._update_rounds)
         self._update_ready()
+        self._update_rounds()
 
     def _update_ready(self) -> None:
         s = self._session
@@ -209,6 +214,25 @@ class FinetuneWidget(Container):
         device = getattr(s.loaded, "device", "cpu")
         s.set_model(load_model(result.path, device=device), str(version), version)
         self._offer_repredict(version)
+        if self.then_predict.value:  # the next round: new predictions, a refreshed queue
+            self.repredict()
+
+    def _update_rounds(self) -> None:
+        """Validation Dice of each fine-tuning round that led to the session's model."""
+        version = self._session.model_version
+        rows = []
+        if version and version != "bundled":
+            try:
+                rows = get_registry().lineage(version)
+            except Exception:  # a damaged registry is reported where it is used
+                rows = []
+        parts = []
+        for info in rows:
+            cmp = info.metrics.get("compared") or {}
+            before, after = cmp.get("base_dice"), cmp.get("new_dice", info.val_dice)
+            step = f"{_fmt(before)} → {_fmt(after)}" if before is not None else _fmt(after)
+            parts.append(f"{info.id} {step}")
+        self.rounds_lbl.value = T.LBL_ROUNDS.format(rounds=" · ".join(parts)) if parts else ""
 
     def _offer_repredict(self, version: Any) -> None:
         self.repredict_btn.text = T.BTN_REPREDICT.format(version=version)

@@ -133,6 +133,12 @@ TIP_ONLY_BETTER = (
     "Both models are scored on the same held-out slices. A new version that is not better (or "
     "finds nothing) is still saved, but the current model stays; pick it in Segment to use it."
 )
+CHK_THEN_PREDICT = "Then re-predict the stack with it (next round)"
+LBL_ROUNDS = "Rounds (validation Dice, previous → new): {rounds}"
+TIP_ROUNDS = (
+    "Each fine-tuning round that led to the current model, with the Dice of the previous and "
+    "the new model on that round's held-out slices (more slices are held out as you review more)."
+)
 BTN_REPREDICT_NONE = "Re-predict (after fine-tuning or a rollback)"
 BTN_ROLLBACK = "Roll back to the previous version"
 LBL_NEED_REVIEW = (
