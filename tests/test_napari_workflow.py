@@ -97,6 +97,37 @@ def test_workflow_end_to_end(make_napari_viewer, qtbot, tmp_path, tiny_model_dir
     assert not np.array_equal(old, s.prob)
 
 
+def test_our_layers_carry_the_image_units(
+    make_napari_viewer, qtbot, tmp_path, tiny_model_dir, bulbseg_home, monkeypatch
+):
+    """An image in µm: prediction, probability, difference and corrections are in µm too,
+    so napari keeps the units (and does not warn "Inconsistent units across layers")."""
+    from napari.utils.notifications import notification_manager
+
+    from napari_bulbseg._widgets._session import get_session
+
+    seen = []
+    monkeypatch.setattr(notification_manager, "dispatch", lambda n: seen.append(str(n.message)))
+    viewer = make_napari_viewer()
+    image, gt = _open_phantom(viewer, tmp_path)
+    assert [str(u) for u in image.units] == ["micrometer"] * 3
+    seg = _segment(viewer, tiny_model_dir)
+    s = get_session(viewer)
+    seg.run_btn.native.click()
+    qtbot.waitUntil(lambda: not seg.running, timeout=30000)
+    rw = open_dock(viewer, "Review & correct")
+    rw.reference.value = gt
+    rw.start_btn.native.click()
+    ours = [s.pred_layer, s.prob_layer, s.corr_layer, viewer.layers["bulbs difference"], gt]
+    assert all(layer is not None for layer in ours)
+    for layer in ours:
+        assert layer.units == image.units, layer.name
+        assert layer.scale == pytest.approx(image.scale), layer.name
+    assert viewer.layers.extent.units == image.units
+    viewer.window._qt_viewer.canvas.native.repaint()  # napari checks the units when it draws
+    assert not [m for m in seen if "Inconsistent units" in m]
+
+
 def test_cancel_prediction_and_finetune(
     make_napari_viewer, qtbot, tmp_path, tiny_model_dir, bulbseg_home
 ):
