@@ -74,7 +74,11 @@ TIP_START_CORR = (
     "with napari's brush. Your edits are saved automatically."
 )
 BTN_RESTORE = "Restore saved corrections"
-LBL_RESTORE = "Saved corrections found ({n} reviewed slice(s), {when})."
+LBL_RESTORE = "Saved corrections found ({n} reviewed slice(s), saved {when})."
+WHEN_TODAY = "today {hm}"
+WHEN_YESTERDAY = "yesterday {hm}"
+WHEN_DATE = "{day} {month_year} {hm}"
+WHEN_UNKNOWN = "at an unknown time"
 CHK_REVIEWED = "This slice is reviewed"
 TIP_REVIEWED = "Reviewed slices are used for fine-tuning and for the threshold suggestion."
 BTN_NEXT = "Reviewed → next slice"

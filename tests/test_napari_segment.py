@@ -1,0 +1,61 @@
+"""Details a user meets in the docks: the restore offer's time."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+from conftest import open_dock
+from napari_bulbseg import io
+
+pytestmark = pytest.mark.gui
+
+
+def _open_phantom(viewer, tmp_path, n=3, shape=(64, 64)):
+    from napari_bulbseg.phantom import bulb_phantom
+
+    image, _mask = bulb_phantom(n_slices=n, shape=shape, seed=3)
+    path = io.write_tiff(tmp_path / "bulbs.tif", image, pixel_size=(0.8, 0.8))
+    viewer.open(str(path), plugin="napari-bulbseg")
+    return viewer.layers["bulbs"]
+
+
+# --------------------------------------------------------------------------- restore offer
+
+
+def test_restore_offer_shows_a_readable_local_time(make_napari_viewer, tmp_path, bulbseg_home):
+    from napari_bulbseg._widgets._corrections import store_for
+
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, tmp_path)
+    store = store_for(image)
+    store.save(np.zeros(image.data.shape, np.uint8), {0, 2})
+    state = json.loads((store.folder / "state.json").read_text())
+    state["saved_at"] = "2025-03-02T14:03:00"  # local time, as older versions wrote it
+    (store.folder / "state.json").write_text(json.dumps(state))
+
+    rw = open_dock(viewer, "Review & correct")
+    assert not rw.restore_btn.native.isHidden()  # the offer is shown
+    text = rw.restore_lbl.value
+    assert "2 Mar 2025 14:03" in text and "2 reviewed" in text
+    assert "T14" not in text and "2025-03-02" not in text
+
+
+def test_saved_when_today_yesterday_and_zones():
+    from napari_bulbseg._widgets._autosave import saved_when
+
+    now = dt.datetime(2026, 12, 4, 18, 30)
+    assert saved_when("2026-12-04T14:03:09", now) == "today 14:03"
+    assert saved_when("2026-12-03T23:59:00", now) == "yesterday 23:59"
+    assert saved_when("2026-11-30T08:05:00", now) == "30 Nov 2026 08:05"
+    assert saved_when("not a time", now) == "at an unknown time"
+    assert saved_when(None, now) == "at an unknown time"
+    # a time with a zone is shown in local time
+    utc = dt.datetime(2026, 12, 4, 12, 0, tzinfo=dt.timezone.utc)
+    local = utc.astimezone().replace(tzinfo=None)
+    assert saved_when(utc.isoformat(), now).endswith(f"{local:%H:%M}")
