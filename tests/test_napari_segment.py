@@ -1,9 +1,10 @@
-"""Details a user meets in the docks: the restore offer's time."""
+"""Details a user meets in the docks: cancelling a prediction, the restore offer's time."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -23,6 +24,52 @@ def _open_phantom(viewer, tmp_path, n=3, shape=(64, 64)):
     path = io.write_tiff(tmp_path / "bulbs.tif", image, pixel_size=(0.8, 0.8))
     viewer.open(str(path), plugin="napari-bulbseg")
     return viewer.layers["bulbs"]
+
+
+def _folder_model(seg, folder):
+    from napari_bulbseg._widgets._models import FOLDER
+
+    seg.model.value = next(c for c in seg.model.choices if c.kind == FOLDER)
+    seg.folder.value = folder
+    seg.tile.value, seg.overlap.value = 64, 8
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+@pytest.mark.parametrize("phase", ["device", "load"])
+def test_cancel_while_the_model_loads_says_cancelled(
+    make_napari_viewer, qtbot, tmp_path, tiny_model_dir, bulbseg_home, monkeypatch, phase
+):
+    """Cancel pressed while the device is chosen or the weights load: nothing is predicted."""
+    import napari_bulbseg.inference as inference
+    from napari_bulbseg._widgets import _segment
+    from napari_bulbseg._widgets import _text as T
+    from napari_bulbseg._widgets._session import get_session
+
+    entered, release = threading.Event(), threading.Event()
+    target = (inference, "select_device") if phase == "device" else (_segment, "load_choice")
+    real = getattr(*target)
+
+    def slow(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(*target, slow)
+    viewer = make_napari_viewer()
+    _open_phantom(viewer, tmp_path)
+    seg = open_dock(viewer, "Segment")
+    _folder_model(seg, tiny_model_dir)
+    seg.run_btn.native.click()
+    qtbot.waitUntil(entered.is_set, timeout=30000)
+    assert seg.status.value == T.MSG_LOADING
+    seg.cancel_btn.native.click()
+    release.set()
+    qtbot.waitUntil(lambda: not seg.running, timeout=30000)
+    assert seg.status.value == T.MSG_LOAD_CANCELLED
+    assert get_session(viewer).pred_layer is None
+    assert seg.run_btn.enabled and not seg.cancel_btn.enabled
 
 
 # --------------------------------------------------------------------------- restore offer

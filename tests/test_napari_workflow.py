@@ -172,7 +172,7 @@ def _finetune_round(viewer, qtbot, ft, s):
 @pytest.mark.slow
 def test_rollback_after_finetune(make_napari_viewer, qtbot, tmp_path, bulbseg_home):
     """Bundled model → v001 → v002; Roll back twice: v001, then the bundled model again."""
-    from napari_bulbseg._widgets._models import BUNDLED, VERSION, get_registry
+    from napari_bulbseg._widgets._models import BUNDLED, FOLDER, VERSION, get_registry
     from napari_bulbseg._widgets._session import get_session
     from napari_bulbseg.model import bundled_model_dir
 
@@ -195,14 +195,22 @@ def test_rollback_after_finetune(make_napari_viewer, qtbot, tmp_path, bulbseg_ho
     reg = get_registry()
     v1 = _finetune_round(viewer, qtbot, ft, s)
     assert reg.info(v1).parent.startswith("bundled:")
+    # the new version is listed first, "Model folder…" stays last
+    assert [(c.kind, c.version) for c in seg.model.choices] == [
+        (VERSION, v1),
+        (BUNDLED, "bundled"),
+        (FOLDER, None),
+    ]
     v2 = _finetune_round(viewer, qtbot, ft, s)
     assert reg.info(v2).parent == v1
     assert reg.current() == v2 == s.model_version
     assert (seg.model.value.kind, seg.model.value.version) == (VERSION, v2)
+    assert [c.version for c in seg.model.choices] == [v2, v1, "bundled", None]
 
     ft.rollback_btn.native.click()
     assert reg.current() == v1 == s.model_version
     assert (seg.model.value.kind, seg.model.value.version) == (VERSION, v1)
+    assert [c.version for c in seg.model.choices] == [v1, v2, "bundled", None]
     assert "(current)" in seg.model.value.label
     assert s.loaded.path.resolve() == reg.path_of(v1).resolve()
     assert v1 in ft.result_lbl.value

@@ -36,6 +36,9 @@ MSG_KEPT_RULES = (
 )
 MSG_PRED_DONE = "Segmented {n} slice(s) with {model} in {s:.1f} s."
 MSG_PRED_CANCELLED = "Prediction cancelled; {n} slice(s) were finished and kept."
+MSG_LOADING = "Loading model…"
+MSG_LOAD_CANCELLED = "Cancelled while loading the model; nothing was predicted."
+MSG_IMAGE_GONE = "The image was closed while the model loaded; nothing was predicted."
 MSG_BAD_NDIM = (
     "Layer {name!r} has {ndim} dimensions; napari-bulbseg segments 2D images and (Z, Y, X) stacks."
 )
