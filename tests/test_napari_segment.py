@@ -1,4 +1,4 @@
-"""Details a user meets in the docks: cancelling a prediction, the restore offer's time."""
+"""Segment dock details a user meets: bioimage.io export, cancelling, the restore offer's time."""
 
 from __future__ import annotations
 
@@ -32,6 +32,66 @@ def _folder_model(seg, folder):
     seg.model.value = next(c for c in seg.model.choices if c.kind == FOLDER)
     seg.folder.value = folder
     seg.tile.value, seg.overlap.value = 64, 8
+
+
+# --------------------------------------------------------------------------- export
+
+
+def test_export_button_writes_a_valid_bioimageio_package(
+    make_napari_viewer, qtbot, tmp_path, tiny_model_dir, bulbseg_home, monkeypatch
+):
+    pytest.importorskip("bioimageio.spec")
+    from napari_bulbseg._widgets import _export
+    from napari_bulbseg._widgets import _text as T
+    from napari_bulbseg.bioimageio import read_package, validate_package
+
+    monkeypatch.setenv("BIOIMAGEIO_CACHE_PATH", str(tmp_path / "bioimageio-cache"))
+    asked = []
+    target = tmp_path / "out" / "tiny-package.zip"
+
+    def choose(parent, suggested):
+        asked.append(suggested)
+        return str(target)
+
+    monkeypatch.setattr(_export, "ask_package_path", choose)
+    warnings = []
+    monkeypatch.setattr(_export, "show_warning", warnings.append)
+    viewer = make_napari_viewer()
+    seg = open_dock(viewer, "Segment")
+
+    # the folder choice without a model folder: told so, and no file dialog
+    _folder_model(seg, tmp_path / "no-such-model")
+    seg.export_btn.native.click()
+    assert warnings and T.MSG_NO_FOLDER in warnings[0] and asked == []
+
+    _folder_model(seg, tiny_model_dir)
+    seg.export_btn.native.click()
+    assert asked == ["tiny-model.zip"] and not seg.export_btn.enabled
+    qtbot.waitUntil(lambda: not seg.exporter.running, timeout=120000)
+    assert len(warnings) == 1, warnings
+    assert seg.export_btn.enabled
+    assert str(target) in seg.status.value and "exported" in seg.status.value
+    assert str(validate_package(target).format_version).startswith("0.5")
+    card, _weights = read_package(target)
+    assert card.name == "tiny"
+
+
+def test_export_failure_is_one_warning_with_the_engine_message(
+    make_napari_viewer, qtbot, tmp_path, tiny_model_dir, bulbseg_home, monkeypatch
+):
+    from napari_bulbseg._widgets import _export
+
+    (tmp_path / "taken.zip").mkdir()  # a folder where the package should go
+    monkeypatch.setattr(_export, "ask_package_path", lambda p, s: str(tmp_path / "taken.zip"))
+    warnings = []
+    monkeypatch.setattr(_export, "show_warning", warnings.append)
+    viewer = make_napari_viewer()
+    seg = open_dock(viewer, "Segment")
+    _folder_model(seg, tiny_model_dir)
+    seg.export_btn.native.click()
+    qtbot.waitUntil(lambda: not seg.exporter.running, timeout=60000)
+    assert len(warnings) == 1 and "is a folder" in warnings[0]
+    assert seg.status.value == warnings[0] and seg.export_btn.enabled
 
 
 # --------------------------------------------------------------------------- cancel

@@ -23,6 +23,7 @@ from qtpy.QtCore import QTimer
 
 from ..options import DEFAULT_OVERLAP, DEFAULT_TILE
 from . import _text as T
+from ._export import ModelExporter
 from ._jobs import start_job, user_message
 from ._layers import current_index, n_slices
 from ._models import FOLDER, ModelChoice, load_choice, model_choices
@@ -94,11 +95,14 @@ class SegmentWidget(Container):
         self.cancel_btn = PushButton(text=T.BTN_CANCEL, enabled=False)
         self.bar = ProgressBar(value=0, min=0, max=1000, visible=False, label="")
         self.status = text_label("")
+        self.exporter = ModelExporter(self, lambda: (self.model.value, self.folder.value))
+        self.export_btn = self.exporter.button
         self.extend(
             [
                 self.image,
                 self.model,
                 self.folder,
+                self.export_btn,
                 self.device,
                 self.tile,
                 self.overlap,
