@@ -128,6 +128,60 @@ def test_our_layers_carry_the_image_units(
     assert not [m for m in seen if "Inconsistent units" in m]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs _review.py (not ours to edit here) to clear the summary/table when there is "
+    "no valid reference and to warn about a shape mismatch once",
+)
+def test_review_shows_no_stale_metrics_and_warns_once(
+    make_napari_viewer, qtbot, tmp_path, tiny_model_dir, bulbseg_home, monkeypatch
+):
+    from napari_bulbseg._widgets import _review
+    from napari_bulbseg._widgets._session import get_session
+    from napari_bulbseg.phantom import bulb_phantom
+
+    warned = []
+    monkeypatch.setattr(_review, "show_warning", warned.append)
+    viewer = make_napari_viewer()
+    for name, shape in (("a", (64, 64)), ("b", (48, 48))):
+        image, mask = bulb_phantom(n_slices=3, shape=shape, seed=2)
+        io.write_tiff(tmp_path / f"{name}.tif", image, pixel_size=(0.8, 0.8))
+        io.write_mask(tmp_path / f"{name}_mask.tif", mask)
+        viewer.open(str(tmp_path / f"{name}.tif"), plugin="napari-bulbseg")
+    seg = _segment(viewer, tiny_model_dir)
+    s = get_session(viewer)
+    rw = open_dock(viewer, "Review & correct")
+
+    def settled():
+        return (
+            not seg.running
+            and not s.busy
+            and rw._stack_worker is None
+            and (not rw._stack_timer.isActive() and not rw._slice_timer.isActive())
+        )
+
+    seg.image.value = viewer.layers["a"]
+    seg.run_btn.native.click()
+    qtbot.waitUntil(settled, timeout=30000)
+    rw.reference.value = viewer.layers["a ground truth"]
+    qtbot.waitUntil(lambda: settled() and rw.stack_result is not None, timeout=30000)
+    assert rw.summary_lbl.value and rw.table.rowCount() == 3
+
+    # clearing the reference clears what was computed against it
+    rw.reference.value = None
+    qtbot.waitUntil(settled, timeout=30000)
+    assert (rw.summary_lbl.value, rw.table.rowCount(), rw.stack_result) == ("", 0, None)
+
+    # segmenting another image (another shape) against a's reference: one warning, no old table
+    rw.reference.value = viewer.layers["a ground truth"]
+    qtbot.waitUntil(lambda: settled() and rw.stack_result is not None, timeout=30000)
+    seg.image.value = viewer.layers["b"]
+    seg.run_btn.native.click()
+    qtbot.waitUntil(lambda: settled() and s.image_name == "b" and s.done.all(), timeout=30000)
+    assert len(warned) == 1, warned
+    assert (rw.summary_lbl.value, rw.table.rowCount(), rw.stack_result) == ("", 0, None)
+
+
 def test_cancel_prediction_and_finetune(
     make_napari_viewer, qtbot, tmp_path, tiny_model_dir, bulbseg_home
 ):
