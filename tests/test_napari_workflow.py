@@ -98,6 +98,91 @@ def test_workflow_end_to_end(make_napari_viewer, qtbot, tmp_path, tiny_model_dir
     assert not np.array_equal(old, s.prob)
 
 
+def test_our_layers_carry_the_image_units(
+    make_napari_viewer, qtbot, tmp_path, tiny_model_dir, bulbseg_home, monkeypatch
+):
+    """An image in µm: prediction, probability, difference and corrections are in µm too,
+    so napari keeps the units (and does not warn "Inconsistent units across layers")."""
+    from napari.utils.notifications import notification_manager
+
+    from napari_bulbseg._widgets._session import get_session
+
+    seen = []
+    monkeypatch.setattr(notification_manager, "dispatch", lambda n: seen.append(str(n.message)))
+    viewer = make_napari_viewer()
+    image, gt = _open_phantom(viewer, tmp_path)
+    assert [str(u) for u in image.units] == ["micrometer"] * 3
+    seg = _segment(viewer, tiny_model_dir)
+    s = get_session(viewer)
+    seg.run_btn.native.click()
+    qtbot.waitUntil(lambda: not seg.running, timeout=30000)
+    rw = open_dock(viewer, "Review & correct")
+    rw.reference.value = gt
+    rw.start_btn.native.click()
+    ours = [s.pred_layer, s.prob_layer, s.corr_layer, viewer.layers["bulbs difference"], gt]
+    assert all(layer is not None for layer in ours)
+    for layer in ours:
+        assert layer.units == image.units, layer.name
+        assert layer.scale == pytest.approx(image.scale), layer.name
+    assert viewer.layers.extent.units == image.units
+    viewer.window._qt_viewer.canvas.native.repaint()  # napari checks the units when it draws
+    assert not [m for m in seen if "Inconsistent units" in m]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs _review.py (not ours to edit here) to clear the summary/table when there is "
+    "no valid reference and to warn about a shape mismatch once",
+)
+def test_review_shows_no_stale_metrics_and_warns_once(
+    make_napari_viewer, qtbot, tmp_path, tiny_model_dir, bulbseg_home, monkeypatch
+):
+    from napari_bulbseg._widgets import _review
+    from napari_bulbseg._widgets._session import get_session
+    from napari_bulbseg.phantom import bulb_phantom
+
+    warned = []
+    monkeypatch.setattr(_review, "show_warning", warned.append)
+    viewer = make_napari_viewer()
+    for name, shape in (("a", (64, 64)), ("b", (48, 48))):
+        image, mask = bulb_phantom(n_slices=3, shape=shape, seed=2)
+        io.write_tiff(tmp_path / f"{name}.tif", image, pixel_size=(0.8, 0.8))
+        io.write_mask(tmp_path / f"{name}_mask.tif", mask)
+        viewer.open(str(tmp_path / f"{name}.tif"), plugin="napari-bulbseg")
+    seg = _segment(viewer, tiny_model_dir)
+    s = get_session(viewer)
+    rw = open_dock(viewer, "Review & correct")
+
+    def settled():
+        return (
+            not seg.running
+            and not s.busy
+            and rw._stack_worker is None
+            and (not rw._stack_timer.isActive() and not rw._slice_timer.isActive())
+        )
+
+    seg.image.value = viewer.layers["a"]
+    seg.run_btn.native.click()
+    qtbot.waitUntil(settled, timeout=30000)
+    rw.reference.value = viewer.layers["a ground truth"]
+    qtbot.waitUntil(lambda: settled() and rw.stack_result is not None, timeout=30000)
+    assert rw.summary_lbl.value and rw.table.rowCount() == 3
+
+    # clearing the reference clears what was computed against it
+    rw.reference.value = None
+    qtbot.waitUntil(settled, timeout=30000)
+    assert (rw.summary_lbl.value, rw.table.rowCount(), rw.stack_result) == ("", 0, None)
+
+    # segmenting another image (another shape) against a's reference: one warning, no old table
+    rw.reference.value = viewer.layers["a ground truth"]
+    qtbot.waitUntil(lambda: settled() and rw.stack_result is not None, timeout=30000)
+    seg.image.value = viewer.layers["b"]
+    seg.run_btn.native.click()
+    qtbot.waitUntil(lambda: settled() and s.image_name == "b" and s.done.all(), timeout=30000)
+    assert len(warned) == 1, warned
+    assert (rw.summary_lbl.value, rw.table.rowCount(), rw.stack_result) == ("", 0, None)
+
+
 def test_cancel_prediction_and_finetune(
     make_napari_viewer, qtbot, tmp_path, tiny_model_dir, bulbseg_home
 ):
@@ -144,7 +229,7 @@ def _finetune_round(viewer, qtbot, ft, s):
 @pytest.mark.slow
 def test_rollback_after_finetune(make_napari_viewer, qtbot, tmp_path, bulbseg_home):
     """Bundled model → v001 → v002; Roll back twice: v001, then the bundled model again."""
-    from napari_bulbseg._widgets._models import BUNDLED, VERSION, get_registry
+    from napari_bulbseg._widgets._models import BUNDLED, FOLDER, VERSION, get_registry
     from napari_bulbseg._widgets._session import get_session
     from napari_bulbseg.model import bundled_model_dir
 
@@ -167,14 +252,22 @@ def test_rollback_after_finetune(make_napari_viewer, qtbot, tmp_path, bulbseg_ho
     reg = get_registry()
     v1 = _finetune_round(viewer, qtbot, ft, s)
     assert reg.info(v1).parent.startswith("bundled:")
+    # the new version is listed first, "Model folder…" stays last
+    assert [(c.kind, c.version) for c in seg.model.choices] == [
+        (VERSION, v1),
+        (BUNDLED, "bundled"),
+        (FOLDER, None),
+    ]
     v2 = _finetune_round(viewer, qtbot, ft, s)
     assert reg.info(v2).parent == v1
     assert reg.current() == v2 == s.model_version
     assert (seg.model.value.kind, seg.model.value.version) == (VERSION, v2)
+    assert [c.version for c in seg.model.choices] == [v2, v1, "bundled", None]
 
     ft.rollback_btn.native.click()
     assert reg.current() == v1 == s.model_version
     assert (seg.model.value.kind, seg.model.value.version) == (VERSION, v1)
+    assert [c.version for c in seg.model.choices] == [v1, v2, "bundled", None]
     assert "(current)" in seg.model.value.label
     assert s.loaded.path.resolve() == reg.path_of(v1).resolve()
     assert v1 in ft.result_lbl.value

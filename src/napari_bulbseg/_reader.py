@@ -93,7 +93,7 @@ def image_layer_data(path: str | Path) -> LayerData:
     return data, meta, "image"
 
 
-def mask_layer_data(path: str | Path, name: str, scale: Any = None) -> LayerData:
+def mask_layer_data(path: str | Path, name: str, scale: Any = None, units: Any = None) -> LayerData:
     """Read a binary mask stack as napari Labels layer data."""
     from . import io
 
@@ -106,9 +106,14 @@ def mask_layer_data(path: str | Path, name: str, scale: Any = None) -> LayerData
         if mask.dtype.kind not in "iu":
             raise
     meta: dict[str, Any] = {"name": name, "metadata": {"bulbseg_path": str(path)}, "opacity": 0.5}
-    if scale is not None:
-        meta["scale"] = scale
+    meta.update(_geometry({"scale": scale, "units": units}))
     return mask, meta, "labels"
+
+
+def _geometry(meta: dict[str, Any]) -> dict[str, Any]:
+    """The scale and units of an image's layer metadata, for its ground-truth layer: napari
+    warns, and ignores every unit, when an image in µm meets a mask in pixels."""
+    return {k: meta[k] for k in ("scale", "units") if meta.get(k) is not None}
 
 
 def _units_safe(meta: dict[str, Any]) -> dict[str, Any]:
@@ -160,9 +165,7 @@ def read_images(path: str | list[str]) -> list[LayerData]:
                 if gt is not None:
                     gt = gt[0] if np.ndim(data) == 2 + bool(meta.get("rgb")) else gt
                     gt_meta = {"name": meta["name"] + GT_SUFFIX, "opacity": 0.5}
-                    if meta.get("scale") is not None:
-                        gt_meta["scale"] = meta["scale"]
-                    layers.append((gt, gt_meta, "labels"))
+                    layers.append((gt, {**gt_meta, **_geometry(meta)}, "labels"))
                 continue
             if is_mask_name(p):
                 layers.append(mask_layer_data(p, p.stem))
@@ -171,7 +174,8 @@ def read_images(path: str | list[str]) -> list[LayerData]:
             layers.append((data, _units_safe(meta), kind))
             partner = find_mask_partner(p)
             if partner is not None and not any(Path(q) == partner for q in paths):
-                layers.append(mask_layer_data(partner, p.stem + GT_SUFFIX, meta.get("scale")))
+                gt_name = p.stem + GT_SUFFIX
+                layers.append(mask_layer_data(partner, gt_name, **_geometry(meta)))
     except BulbsegError as e:
         show_error(str(e))
         return []

@@ -48,6 +48,24 @@ def image_key(name: str, shape: tuple[int, ...], source: str | None = None) -> s
     return f"{stem}-{hashlib.sha1(ident.encode()).hexdigest()[:10]}"
 
 
+def saved_when(saved_at: Any, now: _dt.datetime | None = None) -> str:
+    """A save time (ISO 8601, as state.json holds it) in local time: "today 14:03",
+    "yesterday 09:10" or "2 Dec 2026 14:03". A time without a zone is taken as local."""
+    try:
+        when = _dt.datetime.fromisoformat(str(saved_at))
+    except ValueError:
+        return T.WHEN_UNKNOWN
+    if when.tzinfo is not None:
+        when = when.astimezone().replace(tzinfo=None)
+    today = (now or _dt.datetime.now()).date()
+    hm = f"{when:%H:%M}"
+    if when.date() == today:
+        return T.WHEN_TODAY.format(hm=hm)
+    if when.date() == today - _dt.timedelta(days=1):
+        return T.WHEN_YESTERDAY.format(hm=hm)
+    return T.WHEN_DATE.format(day=when.day, month_year=f"{when:%b %Y}", hm=hm)
+
+
 class CorrectionStore:
     """Saved corrections and reviewed flags of one image."""
 
@@ -81,7 +99,7 @@ class CorrectionStore:
             "source": self.source,
             "shape": list(self.shape),
             "reviewed": sorted(int(z) for z in reviewed),
-            "saved_at": _dt.datetime.now().isoformat(timespec="seconds"),
+            "saved_at": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         }
         write_text_atomic(self.folder / STATE, json.dumps(state, indent=1))
         return self.mask_path

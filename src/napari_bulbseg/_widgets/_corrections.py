@@ -11,7 +11,7 @@ from psygnal import Signal
 from qtpy.QtCore import QEvent, QObject
 
 from . import _text as T
-from ._autosave import AutoSaver, CorrectionStore
+from ._autosave import AutoSaver, CorrectionStore, saved_when
 from ._layers import CORR_RGBA, binary_colormap, upsert_labels
 
 _EDIT_EVENTS = ("paint", "data", "set_data")
@@ -84,7 +84,8 @@ class Corrections:
         if not store.exists() or (image.name + T.CORR_SUFFIX) in self._viewer.layers:
             return False
         info = store.info()
-        text = T.LBL_RESTORE.format(n=len(info.get("reviewed", [])), when=info.get("saved_at", "?"))
+        when = saved_when(info.get("saved_at"))
+        text = T.LBL_RESTORE.format(n=len(info.get("reviewed", [])), when=when)
         if self.offer is not image:
             show_info(text)
         self.offer = image

@@ -59,14 +59,22 @@ def start_job(
 
     ``on_done`` gets the generator's return value; ``on_error`` (default: a napari error
     notification) gets the exception; ``on_finish`` runs in every case, on the GUI thread.
+    ``on_abort`` runs when ``worker.quit()`` stopped the job at a yield. A job that ran to its
+    end although ``quit()`` came during its last step has done its work: its result still goes
+    to ``on_done`` (superqt would drop it, emitting neither ``returned`` nor ``aborted``).
     """
+    results: list[Any] = []  # the generator's return value, once it has one
+    settled: list[bool] = []  # returned or aborted was delivered
 
     def _work() -> Generator[Any, Any, Any]:
-        return (yield from _guarded(gen))
+        result = yield from _guarded(gen)
+        results.append(result)
+        return result
 
     worker = create_worker(_work, _progress=progress or False, _start_thread=False)
 
     def _returned(value: Any) -> None:
+        settled.append(True)
         if isinstance(value, Failed):
             if isinstance(value.error, CancelledError):
                 if on_abort is not None:
@@ -76,12 +84,21 @@ def start_job(
         elif on_done is not None:
             on_done(value)
 
+    def _aborted() -> None:
+        settled.append(True)
+        if on_abort is not None:
+            on_abort()
+
+    def _finished() -> None:
+        if not settled and results:  # quit() came during the last step
+            _returned(results[0])
+        if on_finish is not None:
+            on_finish()
+
     if on_yield is not None:
         worker.yielded.connect(on_yield)
     worker.returned.connect(_returned)
-    if on_abort is not None:
-        worker.aborted.connect(on_abort)
-    if on_finish is not None:
-        worker.finished.connect(on_finish)
+    worker.aborted.connect(_aborted)
+    worker.finished.connect(_finished)
     worker.start()
     return worker

@@ -69,8 +69,7 @@ def upsert_labels(viewer: Any, name: str, data: np.ndarray, like: Layer, **kw: A
         for k, v in kw.items():
             setattr(layer, k, v)
         return layer
-    scale, translate = _geometry(like, data.ndim)
-    return viewer.add_labels(data, name=name, scale=scale, translate=translate, **kw)
+    return viewer.add_labels(data, name=name, **_geometry(like, data.ndim), **kw)
 
 
 def upsert_image(viewer: Any, name: str, data: np.ndarray, like: Layer, **kw: Any) -> Image:
@@ -79,14 +78,20 @@ def upsert_image(viewer: Any, name: str, data: np.ndarray, like: Layer, **kw: An
         layer = viewer.layers[name]
         layer.data = data
         return layer
-    scale, translate = _geometry(like, data.ndim)
-    return viewer.add_image(data, name=name, scale=scale, translate=translate, **kw)
+    return viewer.add_image(data, name=name, **_geometry(like, data.ndim), **kw)
 
 
-def _geometry(like: Layer, ndim: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    scale = tuple(like.scale)[-ndim:]
-    translate = tuple(like.translate)[-ndim:]
-    return scale, translate
+def _geometry(like: Layer, ndim: int) -> dict[str, tuple[Any, ...]]:
+    """Scale, translation and units of ``like``'s last ``ndim`` axes.
+
+    The units matter as much as the scale: napari drops all units from the canvas (and warns)
+    when an image in µm meets a layer in pixels.
+    """
+    return {
+        "scale": tuple(like.scale)[-ndim:],
+        "translate": tuple(like.translate)[-ndim:],
+        "units": tuple(like.units)[-ndim:],
+    }
 
 
 def write_slice(layer: Labels, z: int, mask: np.ndarray, displayed: bool) -> None:

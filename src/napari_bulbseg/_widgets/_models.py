@@ -49,6 +49,18 @@ def model_choices() -> list[ModelChoice]:
     return choices
 
 
+def chosen_folder(choice: ModelChoice, folder: str | Path | None) -> Path | None:
+    """The model folder of a :data:`FOLDER` choice (None for other choices).
+
+    Raises :class:`InputError` when the folder choice has no existing folder.
+    """
+    if choice.kind != FOLDER:
+        return None
+    if not folder or str(folder) in ("", ".") or not Path(folder).exists():
+        raise InputError(T.MSG_NO_FOLDER, "")
+    return Path(folder)
+
+
 def load_choice(choice: ModelChoice, folder: str | Path | None, device: Any) -> tuple[Any, str]:
     """Load the chosen model onto ``device``; returns ``(LoadedModel, label)``."""
     from ..model import load_model
@@ -56,6 +68,5 @@ def load_choice(choice: ModelChoice, folder: str | Path | None, device: Any) -> 
     if choice.kind in (VERSION, BUNDLED):
         loaded = get_registry().load(choice.version, device=device)
         return loaded, ("bundled" if choice.kind == BUNDLED else choice.version)
-    if not folder or str(folder) in ("", ".") or not Path(folder).exists():
-        raise InputError(T.MSG_NO_FOLDER, "")
-    return load_model(folder, device=device), Path(folder).name
+    path = chosen_folder(choice, folder)
+    return load_model(path, device=device), path.name

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
+from magicgui.widgets import ComboBox
 from qtpy.QtCore import QObject, QTimer
 
 
@@ -55,3 +56,21 @@ class Connections:
         for emitter, slot in pairs:
             with contextlib.suppress(Exception):
                 emitter.disconnect(slot)
+
+
+class OrderedComboBox(ComboBox):
+    """A ComboBox whose ``reset_choices`` keeps the order its choices callable gives.
+
+    magicgui keeps the items whose text is unchanged where they were and appends new ones
+    after them, so a new model version would land below "Model folder…".
+    """
+
+    def reset_choices(self, *_: Any) -> None:
+        old = self.value
+        with self.changed.blocked():
+            self.choices = ()  # empty first, so every item is added in the new order
+            super().reset_choices()
+            if old in self.choices:
+                self.value = old
+        if self.value != old:
+            self.changed.emit(self.value)

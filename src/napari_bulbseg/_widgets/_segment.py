@@ -23,10 +23,11 @@ from qtpy.QtCore import QTimer
 
 from ..options import DEFAULT_OVERLAP, DEFAULT_TILE
 from . import _text as T
+from ._export import ModelExporter
 from ._jobs import start_job, user_message
 from ._layers import current_index, n_slices
 from ._models import FOLDER, ModelChoice, load_choice, model_choices
-from ._qt import Connections, text_label
+from ._qt import Connections, OrderedComboBox, text_label
 from ._session import get_session, real_viewer
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
@@ -78,8 +79,11 @@ class SegmentWidget(Container):
         self._worker: Any = None
         self._t0 = 0.0
         self._finished = 0
+        self._cancelled = False  # Cancel was pressed during this run
         self.image = ComboBox(label="Image", choices=self._image_choices, tooltip=T.TIP_IMAGE)
-        self.model = ComboBox(label="Model", choices=self._model_choices, tooltip=T.TIP_MODEL)
+        self.model = OrderedComboBox(
+            label="Model", choices=self._model_choices, tooltip=T.TIP_MODEL
+        )
         self.folder = FileEdit(label="Folder", mode="d", tooltip=T.TIP_FOLDER, visible=False)
         self.device = ComboBox(label="Device", choices=DEVICES, value="auto", tooltip=T.TIP_DEVICE)
         self.tile = SpinBox(label="Tile size", value=DEFAULT_TILE, min=64, max=4096, step=64)
@@ -91,11 +95,14 @@ class SegmentWidget(Container):
         self.cancel_btn = PushButton(text=T.BTN_CANCEL, enabled=False)
         self.bar = ProgressBar(value=0, min=0, max=1000, visible=False, label="")
         self.status = text_label("")
+        self.exporter = ModelExporter(self, lambda: (self.model.value, self.folder.value))
+        self.export_btn = self.exporter.button
         self.extend(
             [
                 self.image,
                 self.model,
                 self.folder,
+                self.export_btn,
                 self.device,
                 self.tile,
                 self.overlap,
@@ -180,13 +187,19 @@ class SegmentWidget(Container):
         choice = self.model.value
         folder = self.folder.value if choice is not None and choice.kind == FOLDER else None
         self._set_running(True)
-        self.status.value = "Loading model…"
+        self._cancelled = False
+        self.status.value = T.MSG_LOADING
         self._worker = start_job(
             _load_job(choice, folder, self.device.value),
             on_done=lambda res: self._predict(image, choice, *res),
             on_error=self._failed,
-            on_abort=lambda: self._set_running(False),
+            on_abort=self._load_aborted,
         )
+
+    def _load_aborted(self) -> None:
+        self.status.value = T.MSG_LOAD_CANCELLED
+        show_info(T.MSG_LOAD_CANCELLED)
+        self._set_running(False)
 
     def _options(self) -> dict[str, Any]:
         """PredictOptions fields (built in the worker: importing torch here would block the GUI)."""
@@ -200,9 +213,13 @@ class SegmentWidget(Container):
         }
 
     def _predict(self, image: Image, choice: ModelChoice, loaded: Any, label: str) -> None:
+        if self._cancelled:  # cancelled while the model loaded: that finished, nothing else
+            self._load_aborted()
+            return
         s = self._session
         s.set_model(loaded, label, choice.version)
         if image not in self._viewer.layers:
+            self.status.value = T.MSG_IMAGE_GONE
             self._set_running(False)
             return
         suggested = s.card_spec()
@@ -253,6 +270,7 @@ class SegmentWidget(Container):
     def cancel(self) -> None:
         """Stop after the tile in progress; finished slices are kept."""
         if self._worker is not None:
+            self._cancelled = True
             self._worker.quit()
 
     def _set_running(self, running: bool) -> None:

@@ -36,6 +36,19 @@ MSG_KEPT_RULES = (
 )
 MSG_PRED_DONE = "Segmented {n} slice(s) with {model} in {s:.1f} s."
 MSG_PRED_CANCELLED = "Prediction cancelled; {n} slice(s) were finished and kept."
+MSG_LOADING = "Loading model…"
+MSG_LOAD_CANCELLED = "Cancelled while loading the model; nothing was predicted."
+MSG_IMAGE_GONE = "The image was closed while the model loaded; nothing was predicted."
+BTN_EXPORT_MODEL = "Export for bioimage.io…"
+TIP_EXPORT_MODEL = (
+    "Write the chosen model as a bioimage.io package (.zip) that other tools (bioimageio.core, "
+    "ilastik, deepImageJ) can run, and that napari-bulbseg can import again."
+)
+DLG_EXPORT_MODEL = "Export model for bioimage.io"
+DLG_EXPORT_FILTER = "bioimage.io package (*.zip)"
+MSG_EXPORTING = "Exporting the model to {path}…"
+MSG_EXPORTED_MODEL = "Model exported to {path} (bioimage.io format {version})."
+MSG_EXPORT_NOTES = " Other tools will not apply: {notes}."
 MSG_BAD_NDIM = (
     "Layer {name!r} has {ndim} dimensions; napari-bulbseg segments 2D images and (Z, Y, X) stacks."
 )
@@ -74,7 +87,11 @@ TIP_START_CORR = (
     "with napari's brush. Your edits are saved automatically."
 )
 BTN_RESTORE = "Restore saved corrections"
-LBL_RESTORE = "Saved corrections found ({n} reviewed slice(s), {when})."
+LBL_RESTORE = "Saved corrections found ({n} reviewed slice(s), saved {when})."
+WHEN_TODAY = "today {hm}"
+WHEN_YESTERDAY = "yesterday {hm}"
+WHEN_DATE = "{day} {month_year} {hm}"
+WHEN_UNKNOWN = "at an unknown time"
 CHK_REVIEWED = "This slice is reviewed"
 TIP_REVIEWED = "Reviewed slices are used for fine-tuning and for the threshold suggestion."
 BTN_NEXT = "Reviewed → next to correct"

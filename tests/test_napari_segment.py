@@ -1,0 +1,168 @@
+"""Segment dock details a user meets: bioimage.io export, cancelling, the restore offer's time."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+from conftest import open_dock
+from napari_bulbseg import io
+
+pytestmark = pytest.mark.gui
+
+
+def _open_phantom(viewer, tmp_path, n=3, shape=(64, 64)):
+    from napari_bulbseg.phantom import bulb_phantom
+
+    image, _mask = bulb_phantom(n_slices=n, shape=shape, seed=3)
+    path = io.write_tiff(tmp_path / "bulbs.tif", image, pixel_size=(0.8, 0.8))
+    viewer.open(str(path), plugin="napari-bulbseg")
+    return viewer.layers["bulbs"]
+
+
+def _folder_model(seg, folder):
+    from napari_bulbseg._widgets._models import FOLDER
+
+    seg.model.value = next(c for c in seg.model.choices if c.kind == FOLDER)
+    seg.folder.value = folder
+    seg.tile.value, seg.overlap.value = 64, 8
+
+
+# --------------------------------------------------------------------------- export
+
+
+def test_export_button_writes_a_valid_bioimageio_package(
+    make_napari_viewer, qtbot, tmp_path, tiny_model_dir, bulbseg_home, monkeypatch
+):
+    pytest.importorskip("bioimageio.spec")
+    from napari_bulbseg._widgets import _export
+    from napari_bulbseg._widgets import _text as T
+    from napari_bulbseg.bioimageio import read_package, validate_package
+
+    monkeypatch.setenv("BIOIMAGEIO_CACHE_PATH", str(tmp_path / "bioimageio-cache"))
+    asked = []
+    target = tmp_path / "out" / "tiny-package.zip"
+
+    def choose(parent, suggested):
+        asked.append(suggested)
+        return str(target)
+
+    monkeypatch.setattr(_export, "ask_package_path", choose)
+    warnings = []
+    monkeypatch.setattr(_export, "show_warning", warnings.append)
+    viewer = make_napari_viewer()
+    seg = open_dock(viewer, "Segment")
+
+    # the folder choice without a model folder: told so, and no file dialog
+    _folder_model(seg, tmp_path / "no-such-model")
+    seg.export_btn.native.click()
+    assert warnings and T.MSG_NO_FOLDER in warnings[0] and asked == []
+
+    _folder_model(seg, tiny_model_dir)
+    seg.export_btn.native.click()
+    assert asked == ["tiny-model.zip"] and not seg.export_btn.enabled
+    qtbot.waitUntil(lambda: not seg.exporter.running, timeout=120000)
+    assert len(warnings) == 1, warnings
+    assert seg.export_btn.enabled
+    assert str(target) in seg.status.value and "exported" in seg.status.value
+    assert str(validate_package(target).format_version).startswith("0.5")
+    card, _weights = read_package(target)
+    assert card.name == "tiny"
+
+
+def test_export_failure_is_one_warning_with_the_engine_message(
+    make_napari_viewer, qtbot, tmp_path, tiny_model_dir, bulbseg_home, monkeypatch
+):
+    from napari_bulbseg._widgets import _export
+
+    (tmp_path / "taken.zip").mkdir()  # a folder where the package should go
+    monkeypatch.setattr(_export, "ask_package_path", lambda p, s: str(tmp_path / "taken.zip"))
+    warnings = []
+    monkeypatch.setattr(_export, "show_warning", warnings.append)
+    viewer = make_napari_viewer()
+    seg = open_dock(viewer, "Segment")
+    _folder_model(seg, tiny_model_dir)
+    seg.export_btn.native.click()
+    qtbot.waitUntil(lambda: not seg.exporter.running, timeout=60000)
+    assert len(warnings) == 1 and "is a folder" in warnings[0]
+    assert seg.status.value == warnings[0] and seg.export_btn.enabled
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+@pytest.mark.parametrize("phase", ["device", "load"])
+def test_cancel_while_the_model_loads_says_cancelled(
+    make_napari_viewer, qtbot, tmp_path, tiny_model_dir, bulbseg_home, monkeypatch, phase
+):
+    """Cancel pressed while the device is chosen or the weights load: nothing is predicted."""
+    import napari_bulbseg.inference as inference
+    from napari_bulbseg._widgets import _segment
+    from napari_bulbseg._widgets import _text as T
+    from napari_bulbseg._widgets._session import get_session
+
+    entered, release = threading.Event(), threading.Event()
+    target = (inference, "select_device") if phase == "device" else (_segment, "load_choice")
+    real = getattr(*target)
+
+    def slow(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(*target, slow)
+    viewer = make_napari_viewer()
+    _open_phantom(viewer, tmp_path)
+    seg = open_dock(viewer, "Segment")
+    _folder_model(seg, tiny_model_dir)
+    seg.run_btn.native.click()
+    qtbot.waitUntil(entered.is_set, timeout=30000)
+    assert seg.status.value == T.MSG_LOADING
+    seg.cancel_btn.native.click()
+    release.set()
+    qtbot.waitUntil(lambda: not seg.running, timeout=30000)
+    assert seg.status.value == T.MSG_LOAD_CANCELLED
+    assert get_session(viewer).pred_layer is None
+    assert seg.run_btn.enabled and not seg.cancel_btn.enabled
+
+
+# --------------------------------------------------------------------------- restore offer
+
+
+def test_restore_offer_shows_a_readable_local_time(make_napari_viewer, tmp_path, bulbseg_home):
+    from napari_bulbseg._widgets._corrections import store_for
+
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, tmp_path)
+    store = store_for(image)
+    store.save(np.zeros(image.data.shape, np.uint8), {0, 2})
+    state = json.loads((store.folder / "state.json").read_text())
+    state["saved_at"] = "2025-03-02T14:03:00"  # local time, as older versions wrote it
+    (store.folder / "state.json").write_text(json.dumps(state))
+
+    rw = open_dock(viewer, "Review & correct")
+    assert not rw.restore_btn.native.isHidden()  # the offer is shown
+    text = rw.restore_lbl.value
+    assert "2 Mar 2025 14:03" in text and "2 reviewed" in text
+    assert "T14" not in text and "2025-03-02" not in text
+
+
+def test_saved_when_today_yesterday_and_zones():
+    from napari_bulbseg._widgets._autosave import saved_when
+
+    now = dt.datetime(2026, 12, 4, 18, 30)
+    assert saved_when("2026-12-04T14:03:09", now) == "today 14:03"
+    assert saved_when("2026-12-03T23:59:00", now) == "yesterday 23:59"
+    assert saved_when("2026-11-30T08:05:00", now) == "30 Nov 2026 08:05"
+    assert saved_when("not a time", now) == "at an unknown time"
+    assert saved_when(None, now) == "at an unknown time"
+    # a time with a zone is shown in local time
+    utc = dt.datetime(2026, 12, 4, 12, 0, tzinfo=dt.timezone.utc)
+    local = utc.astimezone().replace(tzinfo=None)
+    assert saved_when(utc.isoformat(), now).endswith(f"{local:%H:%M}")
