@@ -129,11 +129,6 @@ def test_our_layers_carry_the_image_units(
     assert not [m for m in seen if "Inconsistent units" in m]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs _review.py (not ours to edit here) to clear the summary/table when there is "
-    "no valid reference and to warn about a shape mismatch once",
-)
 def test_review_shows_no_stale_metrics_and_warns_once(
     make_napari_viewer, qtbot, tmp_path, tiny_model_dir, bulbseg_home, monkeypatch
 ):

@@ -33,6 +33,7 @@ class ReviewWidget(Container):
         self._ref: Labels | None = None
         self._stack_worker: Any = None
         self.stack_result: Any = None
+        self._shape_warned: tuple | None = None
         self.reference = ComboBox(label="Reference", choices=self._ref_choices, nullable=True)
         self.reference.tooltip = T.TIP_TRUTH
         self.start_btn = PushButton(text=T.BTN_START_CORR, tooltip=T.TIP_START_CORR)
@@ -130,11 +131,25 @@ class ReviewWidget(Container):
         s = self._session
         pred, ref = s.layer_for(s.pred_layer), s.layer_for(self._ref)
         if pred is None or ref is None:
+            self._clear_metrics()
             return None
         if ref.shape != pred.shape:
-            show_warning(T.MSG_SHAPE.format(a=self._ref.name, sa=ref.shape, sb=pred.shape))
+            key = (self._ref.name, ref.shape, pred.shape)
+            if key != self._shape_warned:  # once per mismatch, not at every update
+                self._shape_warned = key
+                show_warning(T.MSG_SHAPE.format(a=self._ref.name, sa=ref.shape, sb=pred.shape))
+            self._clear_metrics()
             return None
+        self._shape_warned = None
         return ref, pred
+
+    def _clear_metrics(self) -> None:
+        """No valid reference: nothing computed against an old one stays on screen."""
+        if self.stack_result is None and not self.summary_lbl.value:
+            return
+        self.stack_result = None
+        self.summary_lbl.value = ""
+        self.table.show_metrics([], set())
 
     def _connect(self, layer: Labels | None, slot: Any, on: bool) -> None:
         if layer is None:
@@ -199,8 +214,10 @@ class ReviewWidget(Container):
 
     def _stack_done(self, res: tuple[np.ndarray, Any]) -> None:
         diff_stack, sm = res
+        if self._stacks() is None:  # the reference or the prediction changed meanwhile
+            return
         diff = self._diff_layer()
-        if diff is not None and self._stacks() is not None:
+        if diff is not None and diff.data.shape[-2:] == diff_stack.shape[-2:]:
             target = diff.data if diff.ndim == 3 else diff.data[None]
             z = self._session.displayed()
             keep = target[z].copy()  # the displayed slice may be newer than this snapshot
