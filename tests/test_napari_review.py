@@ -86,13 +86,17 @@ def test_threshold_review_corrections_autosave(make_napari_viewer, qtbot, bulbse
     want = difference_map(gt[z], postprocess_slice(s.prob[z], s.spec))
     qtbot.waitUntil(lambda: np.array_equal(diff.data[z], want), timeout=3000)
     m = slice_metrics(gt[z], pred.data[z], index=z)
-    assert f"Dice {m.dice:.3f}" in rw.slice_lbl.value
+    assert f"Dice {m.dice:.3f}" in rw.slice_lbl.value  # pixel metrics: at once
+    row = rw.table._rows[z]  # object counts: from a worker, equal to the synchronous metrics
+    cells = lambda: [rw.table.item(row, c).text() for c in (1, 4, 5, 6)]  # noqa: E731
+    want = [f"{m.dice:.3f}", str(m.hits), str(m.misses), str(m.false_positives)]
+    qtbot.waitUntil(lambda: cells() == want, timeout=5000)
 
     # --- corrections: a copy of the prediction; painting updates metrics; undo works
     corr = rw.start_corrections()
     assert corr is s.corr_layer and rw.reference.value is corr
     np.testing.assert_array_equal(corr.data, pred.data)
-    assert "Dice 1.000" in rw.slice_lbl.value or rw._slice_timer.isActive()
+    qtbot.waitUntil(lambda: "Dice 1.000" in rw.slice_lbl.value, timeout=3000)
     idx = np.nonzero(np.ones((10, 10), bool))
     corr.data_setitem((np.full(100, z), idx[0] + 2, idx[1] + 2), 1)  # background corner
     qtbot.waitUntil(lambda: "Dice 1.000" not in rw.slice_lbl.value, timeout=3000)

@@ -10,16 +10,27 @@ import numpy as np
 from . import _text as T
 
 
-def slice_report(truth: np.ndarray, pred: np.ndarray, z: int) -> tuple[np.ndarray, Any, str]:
-    """Difference map, :class:`~napari_bulbseg.metrics.SliceMetrics` and label text of slice
-    ``z`` (``truth`` and ``pred`` are that slice's 2D masks)."""
-    from ..metrics import slice_metrics
+def slice_pixels(truth: np.ndarray, pred: np.ndarray, z: int) -> tuple[np.ndarray, Any, str]:
+    """Difference map, pixel-only :class:`~napari_bulbseg.metrics.SliceMetrics` (object counts
+    left at 0) and label text of slice ``z`` — no object labelling, so it is quick enough for
+    the GUI thread at any image size; :func:`slice_objects_job` adds the objects."""
+    from ..metrics import SliceMetrics
     from ..postprocess import difference_map
 
-    truth = np.asarray(truth) > 0
-    m = slice_metrics(truth, pred, index=z)
+    t, p = np.asarray(truth) > 0, np.asarray(pred) > 0
+    tp = int(np.count_nonzero(t & p))
+    fp, fn = int(np.count_nonzero(p)) - tp, int(np.count_nonzero(t)) - tp
+    m = SliceMetrics.from_counts(z, tp, fp, fn, t.size - tp - fp - fn, 0, 0, 0)
     text = T.LBL_SLICE.format(z=z, dice=m.dice, iou=m.iou, fp=m.fp, fn=m.fn)
-    return difference_map(truth, pred), m, text
+    return difference_map(t, p), m, text
+
+
+def slice_objects_job(truth: np.ndarray, pred: np.ndarray, z: int) -> Generator[None, None, Any]:
+    """Worker body: the full metrics of slice ``z`` (object matching labels both masks)."""
+    from ..metrics import slice_metrics
+
+    yield
+    return slice_metrics(np.asarray(truth) > 0, pred, index=z)
 
 
 def stack_job(

@@ -19,7 +19,7 @@ from magicgui.widgets import (
 from napari.utils.notifications import show_info, show_warning
 
 from . import _text as T
-from ._jobs import start_job, user_message
+from ._jobs import start_job, user_message, warm_imports
 from ._layers import as_stack
 from ._models import get_registry
 from ._plot import CurvePlot
@@ -53,6 +53,7 @@ class FinetuneWidget(Container):
         self._worker: Any = None
         self._cancel = threading.Event()
         self.result: Any = None
+        warm_imports("napari_bulbseg.training")
         self.ready_lbl = text_label(T.LBL_NEED_REVIEW)
         self.loss = ComboBox(label="Loss", choices=LOSSES, value="focal+dice", tooltip=T.TIP_LOSS)
         self.epochs = SpinBox(label="Epochs", value=10, min=1, max=1000, tooltip=T.TIP_EPOCHS)

@@ -102,3 +102,19 @@ def start_job(
     worker.finished.connect(_finished)
     worker.start()
     return worker
+
+
+def warm_imports(*modules: str) -> None:
+    """Import ``modules`` in a background thread, so that the first use of a heavy engine
+    module (scipy's optimisers, torch's training code) does not freeze the viewer."""
+    import importlib
+    import threading
+
+    def _go() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # the real import, later, reports it
+                log.debug("warm import of %s failed", name, exc_info=True)
+
+    threading.Thread(target=_go, name="bulbseg-warm-imports", daemon=True).start()

@@ -12,8 +12,8 @@ from napari.utils.notifications import show_info, show_warning
 from qtpy.QtWidgets import QFileDialog
 
 from . import _text as T
-from ._compare import slice_report, stack_job, summary_slices, summary_text
-from ._jobs import start_job
+from ._compare import slice_objects_job, slice_pixels, stack_job, summary_slices, summary_text
+from ._jobs import start_job, warm_imports
 from ._layers import diff_colormap, upsert_labels
 from ._metrics_view import MetricsTable
 from ._qt import Connections, single_shot, text_label
@@ -34,6 +34,9 @@ class ReviewWidget(Container):
         self._stack_worker: Any = None
         self.stack_result: Any = None
         self._shape_warned: tuple | None = None
+        self._slice_worker: Any = None
+        self._slice_next: tuple | None = None
+        warm_imports("napari_bulbseg.metrics", "napari_bulbseg.ranking")
         self.reference = ComboBox(label="Reference", choices=self._ref_choices, nullable=True)
         self.reference.tooltip = T.TIP_TRUTH
         self.start_btn = PushButton(text=T.BTN_START_CORR, tooltip=T.TIP_START_CORR)
@@ -176,7 +179,8 @@ class ReviewWidget(Container):
         self.update_stack()
 
     def update_current(self) -> None:
-        """Difference map and metrics of the displayed slice, on the GUI thread."""
+        """Difference map and pixel metrics of the displayed slice now, on the GUI thread (no
+        labelling: quick at any size); its object counts follow from a worker."""
         stacks = self._stacks()
         diff = self._diff_layer() if stacks else None
         if stacks is None or diff is None:
@@ -185,11 +189,27 @@ class ReviewWidget(Container):
         ref, pred = stacks
         s = self._session
         z = s.displayed()
-        d, m, self.slice_lbl.value = slice_report(ref[z], pred[z], z)
+        d, _m, self.slice_lbl.value = slice_pixels(ref[z], pred[z], z)
         target = diff.data if diff.ndim == 3 else diff.data[None]
         target[z] = d
         diff.refresh()
-        self.table.update_slice(m, z in s.reviewed)
+        self._slice_objects((ref[z] > 0).copy(), np.array(pred[z], copy=True), z)
+
+    def _slice_objects(self, truth: np.ndarray, pred: np.ndarray, z: int) -> None:
+        if self._slice_worker is not None:  # one at a time; the newest request runs next
+            self._slice_next = (truth, pred, z)
+            return
+        self._slice_worker = start_job(
+            slice_objects_job(truth, pred, z),
+            on_done=lambda m: self.table.update_slice(m, m.index in self._session.reviewed),
+            on_finish=self._slice_finished,
+        )
+
+    def _slice_finished(self) -> None:
+        self._slice_worker = None
+        if self._slice_next is not None:
+            args, self._slice_next = self._slice_next, None
+            self._slice_objects(*args)
 
     def summary_slices(self) -> list[int]:
         """Slices in the stack summary: predicted ones; only reviewed ones vs corrections."""
