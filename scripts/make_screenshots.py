@@ -1,7 +1,7 @@
 """Screenshots of the napari-bulbseg workflow for docs/user-guide.md.
 
 Opens a real napari viewer (use a real X server, e.g.
-``xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/make_screenshots.py``) and clicks
+``xvfb-run -a -s "-screen 0 1920x1080x24" python scripts/make_screenshots.py``) and clicks
 through the widgets as a user would, saving ``viewer.screenshot(canvas_only=False)`` PNGs into
 ``docs/screenshots/``:
 
@@ -27,6 +27,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "screenshots"
+#: a laptop's full-HD screen: the docks open from the menu stack as tabs and must fit it
+WINDOW = (1920, 1080)
 
 
 def wait(qapp, cond, timeout: float = 600.0) -> None:
@@ -67,7 +69,7 @@ def shot(viewer, name: str) -> None:
 
     for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
         toast.close()  # transient pop-ups would hide part of the canvas
-    viewer.window._qt_window.resize(1500, 950)  # napari may restore a saved window size
+    viewer.window._qt_window.resize(*WINDOW)  # napari may restore a saved window size
     focused = QApplication.focusWidget()
     if focused is not None:
         focused.clearFocus()
@@ -104,7 +106,7 @@ def make_viewer(docks_for: dict):
     import napari
 
     viewer = napari.Viewer(show=True, title="napari-bulbseg")
-    viewer.window._qt_window.resize(1500, 950)
+    viewer.window._qt_window.resize(*WINDOW)
     # open every dock as a user does: Plugins ▸ napari-bulbseg ▸ <name>
     plugin_menu = next(
         a.menu() for a in viewer.window.plugins_menu.actions() if a.text() == "napari-bulbseg"
@@ -120,13 +122,14 @@ def make_viewer(docks_for: dict):
 
 
 def show_only(docks: dict, name: str, viewer=None) -> None:
-    """Show one dock; with ``viewer``, fit the image to the canvas that is left."""
+    """Bring one dock's tab to the front, as a click on its tab does; with ``viewer``, fit the
+    image to the canvas that is left."""
     from qtpy.QtWidgets import QApplication
 
-    for k, d in docks.items():
-        d.setVisible(k == name)
+    docks[name].show()
+    docks[name].raise_()
     if viewer is not None:
-        viewer.window._qt_window.resize(1500, 950)
+        viewer.window._qt_window.resize(*WINDOW)
         for _ in range(20):
             QApplication.processEvents()
         viewer.reset_view()

@@ -121,3 +121,33 @@ def test_open_a_folder_of_jpegs_with_a_masks_folder(make_napari_viewer, tmp_path
     assert rows == [1, 2, 10]  # natural name order, masks paired by name
     bright = [int((np.asarray(image.data[z]) > 120).any(axis=1).sum()) for z in range(3)]
     assert bright == rows
+
+
+def test_the_four_docks_share_one_panel_height_on_a_laptop_screen(
+    make_napari_viewer, qtbot, bulbseg_home
+):
+    """Opened from the menu, the docks stack as tabs in one area, and each fits in the height a
+    1920×1080 screen leaves (the four stacked needed 1,612–1,670 px before)."""
+    from napari._qt.widgets.qt_viewer_dock_widget import QtViewerDockWidget
+
+    viewer = make_napari_viewer(show=True)
+    win = viewer.window
+    win._qt_window.resize(1920, 1040)
+    for name in DOCKS:
+        menu_action(win.plugins_menu, "napari-bulbseg", f"{name} (napari-bulbseg)").trigger()
+        qtbot.wait(20)
+    docks = [d for d in win._qt_window.findChildren(QtViewerDockWidget)
+             if d.name.endswith("(napari-bulbseg)")]  # fmt: skip
+    assert len(docks) == 4
+    main = win._qt_window
+    for d in docks:
+        others = set(main.tabifiedDockWidgets(d))
+        assert others == set(docks) - {d}, d.name
+    qtbot.wait(50)
+    # each panel's own minimum height fits the canvas area of a maximised 1080 px window
+    for d in docks:
+        need = d.widget().minimumSizeHint().height()
+        assert need <= 1080 - 160, (d.name, need)
+    # the last one opened is the tab shown; the others wait behind their tabs
+    shown = [d.name for d in docks if not d.visibleRegion().isEmpty()]
+    assert shown == ["Fine-tune (napari-bulbseg)"], shown

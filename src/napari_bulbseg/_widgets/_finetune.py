@@ -23,7 +23,7 @@ from ._jobs import start_job, user_message, warm_imports
 from ._layers import as_stack
 from ._models import get_registry
 from ._plot import CurvePlot
-from ._qt import Connections, text_label
+from ._qt import Connections, tabify_with_siblings, text_label
 from ._session import get_session, real_viewer
 
 LOSSES = ("focal+dice", "bce", "focal", "dice", "bce+dice")
@@ -48,6 +48,7 @@ class FinetuneWidget(Container):
 
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
+        tabify_with_siblings(self.native)
         self._viewer = viewer = real_viewer(napari_viewer)
         self._session = s = get_session(viewer)
         self._worker: Any = None

@@ -74,3 +74,43 @@ class OrderedComboBox(ComboBox):
                 self.value = old
         if self.value != old:
             self.changed.emit(self.value)
+
+
+#: the object name given to each of our dock panels' top widget (to find the siblings)
+PANEL_NAME = "napari-bulbseg-panel"
+
+
+def tabify_with_siblings(native: Any) -> None:
+    """Once ``native`` sits in its dock, stack that dock as a tab on an open napari-bulbseg dock
+    in the same area, so the four panels need one panel's height, not their sum (a laptop's
+    1080 px), and show it. A panel docked elsewhere, floating or undocked is left alone."""
+    from qtpy.QtWidgets import QDockWidget, QMainWindow
+
+    native.setObjectName(PANEL_NAME)
+
+    def dock_of(w: Any) -> Any:
+        while w is not None and not isinstance(w, QDockWidget):
+            w = w.parent()
+        return w
+
+    def go() -> None:
+        with contextlib.suppress(RuntimeError):  # the panel was closed before this ran
+            dock = dock_of(native)
+            window = dock.parent() if dock is not None else None
+            if not isinstance(window, QMainWindow) or dock.isFloating():
+                return
+            area = window.dockWidgetArea(dock)
+            for other in window.findChildren(QDockWidget):
+                if (
+                    other is not dock
+                    and other.isVisible()
+                    and not other.isFloating()
+                    and window.dockWidgetArea(other) == area
+                    and other.findChild(QObject, PANEL_NAME) is not None
+                ):
+                    window.tabifyDockWidget(other, dock)
+                    dock.show()
+                    dock.raise_()
+                    return
+
+    QTimer.singleShot(0, go)

@@ -16,7 +16,7 @@ from ._compare import slice_objects_job, slice_pixels, stack_job, summary_slices
 from ._jobs import start_job, warm_imports
 from ._layers import diff_colormap, upsert_labels
 from ._metrics_view import MetricsTable
-from ._qt import Connections, single_shot, text_label
+from ._qt import Connections, single_shot, tabify_with_siblings, text_label
 from ._queue import CorrectNextQueue
 from ._session import get_session, real_viewer
 
@@ -28,6 +28,7 @@ class ReviewWidget(Container):
 
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=False)
+        tabify_with_siblings(self.native)
         self._viewer = viewer = real_viewer(napari_viewer)
         self._session = s = get_session(viewer)
         self._ref: Labels | None = None

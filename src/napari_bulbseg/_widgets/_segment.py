@@ -27,7 +27,7 @@ from ._export import ModelExporter
 from ._jobs import start_job, user_message
 from ._layers import current_index, n_slices
 from ._models import FOLDER, ModelChoice, load_choice, model_choices
-from ._qt import Connections, OrderedComboBox, text_label
+from ._qt import Connections, OrderedComboBox, tabify_with_siblings, text_label
 from ._session import get_session, real_viewer
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
@@ -74,6 +74,7 @@ class SegmentWidget(Container):
 
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
+        tabify_with_siblings(self.native)
         self._viewer = viewer = real_viewer(napari_viewer)
         self._session = get_session(viewer)
         self._worker: Any = None

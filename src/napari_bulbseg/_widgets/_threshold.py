@@ -18,7 +18,7 @@ from napari.utils.notifications import show_error, show_warning
 from ..errors import BulbsegError
 from ..postprocess import PostProcess
 from . import _text as T
-from ._qt import Connections, single_shot, text_label
+from ._qt import Connections, single_shot, tabify_with_siblings, text_label
 from ._session import get_session, real_viewer
 
 
@@ -38,6 +38,7 @@ class ThresholdWidget(Container):
 
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
+        tabify_with_siblings(self.native)
         self._viewer = viewer = real_viewer(napari_viewer)
         self._session = s = get_session(viewer)
         spec = s.spec
