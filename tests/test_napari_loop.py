@@ -154,7 +154,8 @@ def test_finetune_says_what_it_will_train_on(make_napari_viewer, qtbot, tmp_path
     assert "6 reviewed slice(s) ready" in ft.ready_lbl.value
     ft.epochs.value, ft.steps.value, ft.patch.value = 1, 1, 32
     ft.then_predict.value = False  # this test re-predicts itself (or not at all)
-    ft.start()
+    ft.start()  # the split is worked out in the worker and said before the first step
+    qtbot.waitUntil(lambda: "held out" in ft.status.value or not ft.running, timeout=30000)
     msg = ft.status.value
     assert "held out to validate" in msg
     n_train = int(msg.split("Fine-tuning on ")[1].split(" ")[0])

@@ -128,8 +128,14 @@ def samples_from_slices(
         if not 0 <= i < n:
             raise InputError(f"Slice {i} is outside the stack (0..{n - 1})", "pick existing slices")
         plane = image_stack.plane(i) if hasattr(image_stack, "plane") else np.asarray(stack[i])
-        out.append(make_sample(np.array(plane), np.array(masks[i]), source=f"slice {i}"))
-    return out
+        out.append((i, plane, masks[i]))
+    return samples_from_planes(out)
+
+
+def samples_from_planes(planes: Iterable[tuple[int, Any, Any]]) -> list[Sample]:
+    """Samples from ``(slice index, image plane, mask plane)`` triples, each copied — e.g. the
+    reviewed slices a widget snapshotted on the GUI thread, turned into samples in a worker."""
+    return [make_sample(np.array(img), np.array(m), source=f"slice {i}") for i, img, m in planes]
 
 
 # --------------------------------------------------------------------------- the fixed split

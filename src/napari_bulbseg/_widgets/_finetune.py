@@ -7,6 +7,7 @@ import threading
 from collections.abc import Generator
 from typing import Any
 
+import numpy as np
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -34,12 +35,21 @@ def _fmt(d: float | None) -> str:
 
 
 def finetune_job(
-    config: Any, samples: list, base: Any, registry: Any, cancel: threading.Event
+    config: Any, planes: list, base: Any, registry: Any, cancel: threading.Event, budget: str
 ) -> Generator[Any, None, Any]:
-    """Train; the engine compares the old and new model on the same validation slices and
-    makes the new one current only when it beats the old (``TrainResult.made_current``)."""
-    from ..training import iter_train
+    """Worker body: samples from the snapshotted ``(z, image, mask)`` planes (hashing them takes
+    a while on big slices), the split training will use — said first, as a sentence — then
+    training; the engine compares the old and new model on the same validation slices and makes
+    the new one current only when it beats the old (``TrainResult.made_current``)."""
+    from ..data import samples_from_planes
+    from ..errors import InputError
+    from ..training import iter_train, planned_split
 
+    samples = samples_from_planes(planes)
+    (train, val, _), _ = planned_split(config, samples, base, registry)
+    if not train or not val:  # the engine's rule: one slice trains, another validates
+        raise InputError(T.LBL_ONE_REVIEWED, "")
+    yield T.MSG_SPLIT.format(n_train=len(train), n_val=len(val), budget=budget)
     return (yield from iter_train(config, samples, base=base, registry=registry, cancel=cancel))
 
 
@@ -136,9 +146,8 @@ class FinetuneWidget(Container):
         return self._worker is not None
 
     def start(self) -> None:
-        """Fine-tune the session's model on its reviewed, corrected slices."""
-        from ..data import samples_from_slices
-
+        """Fine-tune the session's model on its reviewed, corrected slices (in a worker; the
+        GUI thread only copies the reviewed slices, so painting can go on)."""
         s = self._session
         if self.running:
             return
@@ -148,34 +157,28 @@ class FinetuneWidget(Container):
         if s.corr_layer is None or not s.reviewed or s.image_layer is None:
             show_warning(T.MSG_NO_CORR)
             return
+        if len(s.reviewed) < 2:  # one slice trains, another validates: no split can do with one
+            show_warning(T.LBL_ONE_REVIEWED)
+            return
         try:
-            from ..training import planned_split
-
-            samples = samples_from_slices(
-                as_stack(s.image_layer), s.layer_for(s.corr_layer) > 0, sorted(s.reviewed)
-            )
+            stack, corr = as_stack(s.image_layer), s.layer_for(s.corr_layer)
+            planes = [(z, np.array(stack[z]), np.asarray(corr[z]) > 0) for z in sorted(s.reviewed)]
             config = self.config()
             registry = get_registry()
             registry.check_writable()  # before training, not after the time budget is spent
-            (train, val, _), _ = planned_split(config, samples, s.loaded, registry)
         except Exception as e:
             show_warning(user_message(e))
             return
-        if not train or not val:  # the engine's rule: one slice trains, another validates
-            show_warning(T.LBL_ONE_REVIEWED)
-            return
         minutes = float(self.budget.value)
         budget = f"{minutes:g} min" if minutes > 0 else "no time limit"
-        split_msg = T.MSG_SPLIT.format(n_train=len(train), n_val=len(val), budget=budget)
-        self.status.value = split_msg
-        show_info(split_msg)
+        self.status.value = T.MSG_PREPARING
         self._cancel = threading.Event()
         self.plot.clear(config.epochs * config.steps_per_epoch)
         self.result_lbl.value = ""
         self.repredict_btn.enabled = False
         self._set_running(True)
         self._worker = start_job(
-            finetune_job(config, samples, s.loaded, registry, self._cancel),
+            finetune_job(config, planes, s.loaded, registry, self._cancel, budget),
             on_yield=self._on_progress,
             on_done=self._done,
             on_error=self._failed,
@@ -184,6 +187,10 @@ class FinetuneWidget(Container):
         )
 
     def _on_progress(self, ev: Any) -> None:
+        if isinstance(ev, str):  # what the job will train on, before the first step
+            self.status.value = ev
+            show_info(ev)
+            return
         self.bar.value = int(1000 * ev.fraction)
         if ev.kind == "step":
             self.plot.add_loss(ev.step, ev.loss)

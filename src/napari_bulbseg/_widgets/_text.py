@@ -165,6 +165,7 @@ LBL_ONE_REVIEWED = (
     "1 reviewed slice: review one more to fine-tune (at least one slice is held out to "
     "validate the new model)."
 )
+MSG_PREPARING = "Preparing the reviewed slices…"
 MSG_SPLIT = (
     "Fine-tuning on {n_train} reviewed slice(s); {n_val} held out to validate "
     "(fixed by slice content, so they stay held out in later rounds); at most {budget}."
