@@ -994,6 +994,11 @@ def read_stack(path: str | os.PathLike, lazy: bool | None = None) -> Stack:
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """One 2D image as ``(Y, X)`` or ``(Y, X, C)`` (for dataset pairs); InputError for stacks."""
+    return read_image_rgb(path)[0]
+
+
+def read_image_rgb(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
+    """:func:`read_image` and whether its channel axis is colour (``Stack.rgb``)."""
     p = Path(path)
     if p.is_dir():
         raise InputError(f"{p} is a folder, not an image", "pass one image file")
@@ -1003,7 +1008,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             f"{p} holds {stack.n_slices} slices (axes {stack.source_axes}), expected one 2D image",
             "use read_stack for stacks, or save one slice per file",
         )
-    return np.asarray(stack.data[0])
+    return np.asarray(stack.data[0]), bool(stack.rgb)
 
 
 def to_binary_mask(values: Any, what: str = "mask") -> np.ndarray:
