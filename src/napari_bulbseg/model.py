@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .atomic import fsync_dir
+from .atomic import current_umask, fsync_dir
 from .errors import ModelError
 from .normalize import Normalization
 
@@ -412,9 +412,7 @@ def save_model(
         _fsync_write(tmp / CARD_NAME, card.to_json().encode("utf-8"))
         fsync_dir(tmp)
         # mkdtemp makes the folder private (0700); give it the permissions of a normal folder
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        os.chmod(tmp, 0o777 & ~current_umask())
         try:
             os.replace(tmp, directory)
         except OSError as e:
