@@ -193,3 +193,16 @@ def test_lineage_walks_the_rounds_back_to_the_bundled_model(tmp_path, bundled):
     d["parent"] = v4  # v001 → v004 → v002 → v001 …
     cardfile.write_text(json.dumps(d))
     assert len(reg.lineage(v4)) <= 3
+
+
+def test_saving_leaves_the_callers_card_unchanged(tmp_path, bundled):
+    """save_version / save_model write a completed copy; the card passed in stays as it was."""
+    reg = Registry(tmp_path / "models")
+    c = card()
+    before = c.to_dict()
+    vid = reg.save_version(tiny_model(), c)
+    assert c.to_dict() == before and c.version != vid and c.weights == {}
+    assert reg.load(vid).card.version == vid and reg.load(vid).card.weights["sha256"]
+    path = save_model(tmp_path / "plain", UNet(UNetConfig(1, 1, 4, 3)), c)
+    assert c.to_dict() == before
+    assert model_mod.read_card(path).architecture["base_channels"] == 4

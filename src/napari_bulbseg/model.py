@@ -12,6 +12,7 @@ any mismatch is a :class:`~napari_bulbseg.errors.ModelError` that says what to d
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import hashlib
 import json
@@ -380,6 +381,8 @@ def save_model(
     The folder is first written under a temporary name beside it and renamed into place only
     when complete, so a crash or full disk never leaves a half-written model. An existing
     ``directory`` is never overwritten. ``dtype="float16"`` halves the file size.
+    ``card`` is not changed: the written card is a copy completed with the architecture and
+    the weights' hash (``read_card(directory)`` returns it).
     """
     from safetensors.torch import save as st_save
 
@@ -391,6 +394,7 @@ def save_model(
         )
     if dtype not in ("float32", "float16"):
         raise ModelError(f"Unsupported weight dtype {dtype!r}", "use float32 or float16")
+    card = copy.deepcopy(card)
     card.architecture = model.config.to_dict()
     tensors = {}
     for k, v in model.state_dict().items():

@@ -17,6 +17,7 @@ leaves no half-written version; folders that are damaged anyway are listed as br
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -247,11 +248,12 @@ class Registry:
     ) -> str:
         """Write ``model`` + ``card`` as the next version (atomically); return its id.
 
-        ``card.version`` is set to the new id. With ``make_current`` the pointer moves to it
-        after the folder is complete.
+        The saved card is a copy of ``card`` whose ``version`` is the new id (``card`` itself is
+        not changed). With ``make_current`` the pointer moves to it after the folder is complete.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temp()
+        card = copy.deepcopy(card)
         for _ in range(100):  # another process may take the same id: try the next one
             vid = self._next_id()
             if (self.root / vid).exists() or (self.root / vid).is_symlink():
