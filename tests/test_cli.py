@@ -157,3 +157,11 @@ def test_demo_with_bundled_model_is_accurate(tmp_path, capsys):
     pooled = next(r for r in rows if "pool" in "".join(r.values()).lower())
     # the bundled model reaches Dice >= 0.95 on BBBC039 validation; the sample is 3 such images
     assert float(pooled["dice"]) > 0.9
+
+
+def test_train_help_lists_every_loss(capsys):
+    from napari_bulbseg.losses import LOSS_NAMES
+
+    assert main(["train", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "one of " + ", ".join(LOSS_NAMES) in out and "bce+dice" in out

@@ -19,6 +19,7 @@ from typing import Any
 from . import __version__
 from .errors import BulbsegError, CancelledError, InputError, ModelError
 from .io import IMAGE_SUFFIXES, file_stem, image_files, slice_files
+from .options import LOSS_NAMES
 
 # --------------------------------------------------------------------------- progress display
 
@@ -615,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune this model ('bundled', a folder or a version id)",
     )
     p.add_argument("--name", default="model")
-    p.add_argument("--loss", default="focal+dice", help="bce, focal, dice or focal+dice")
+    p.add_argument("--loss", default="focal+dice", help="one of " + ", ".join(LOSS_NAMES))
     p.add_argument("--epochs", type=int)
     p.add_argument("--time-budget", type=float, help="stop after this many seconds")
     p.add_argument("--steps-per-epoch", type=int)

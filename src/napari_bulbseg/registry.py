@@ -295,12 +295,6 @@ class Registry:
             raise ModelError(f"No model version {vid} in {self.root}", "list the versions")
         return load_model(path, device=device)
 
-    def load_version(
-        self, version_id: str = "current", device: str | torch.device = "cpu"
-    ) -> LoadedModel:
-        """Same as :meth:`load` (the name in the architecture table)."""
-        return self.load(version_id, device)
-
     # ------------------------------------------------------------------ current / rollback
 
     @property
