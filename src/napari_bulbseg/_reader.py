@@ -112,17 +112,25 @@ def mask_layer_data(path: str | Path, name: str, scale: Any = None) -> LayerData
 
 
 def _units_safe(meta: dict[str, Any]) -> dict[str, Any]:
-    """Drop a unit napari (pint) cannot parse rather than fail the whole read."""
+    """Give napari a unit it can parse (``µm`` → ``um``); an unknown one is not passed on (napari
+    would refuse the layer) but kept in the layer metadata (``bulbseg_unit``) and reported."""
     unit = meta.get("units")
     if unit is None:
         return meta
+    ascii_unit = unit.replace("µ", "u").replace("μ", "u")
     try:
         import pint
 
-        pint.get_application_registry().Unit(unit.replace("µ", "u").replace("μ", "u"))
-        meta["units"] = unit.replace("µ", "u").replace("μ", "u")
+        pint.get_application_registry().Unit(ascii_unit)
+        meta["units"] = ascii_unit
     except Exception:
         meta.pop("units", None)
+        meta.setdefault("metadata", {})["bulbseg_unit"] = unit
+        show_info(
+            f"{meta.get('name', 'image')}: the file's unit {unit!r} is not one napari knows, so "
+            f"the scale is shown without a unit (it is in {unit}; kept in the layer metadata "
+            "as bulbseg_unit)"
+        )
     return meta
 
 
