@@ -213,11 +213,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from napari_bulbseg.model import bundled_model_dir, load_model
+    from napari_bulbseg.model import load_model
+    from napari_bulbseg.registry import Registry
     from napari_bulbseg.training import evaluate_model
 
     torch.set_num_threads(1)
-    base = load_model(bundled_model_dir() if args.base == "bundled" else args.base)
+    base = load_model(Registry().resolve(args.base))
     pool, held, is_stack = load_source(args.source, args.data, args.pool_max, 0)
     if args.quick:
         held = held[:6]

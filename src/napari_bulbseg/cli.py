@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import os
-import re
 import signal
 import sys
 import threading
@@ -17,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import BulbsegError, CancelledError, InputError, ModelError
+from .errors import BulbsegError, CancelledError, InputError
 from .io import IMAGE_SUFFIXES, file_stem, image_files, slice_files
 from .options import LOSS_NAMES
 
@@ -106,9 +104,6 @@ def _collect_inputs(paths: Sequence[str]) -> list[Path]:
     return files
 
 
-_VERSION_SPEC = re.compile(r"^(v\d{3,}|current|bundled(:[0-9a-f]*)?)$")
-
-
 def _select_device(device: str) -> Any:
     from .devices import select_device
 
@@ -116,26 +111,11 @@ def _select_device(device: str) -> Any:
 
 
 def _load_model(spec: str, device: str) -> Any:
-    """``bundled``, a registry version id, or a model folder."""
+    """``bundled``, ``current``, a registry version id, or a model folder (Registry.resolve)."""
     from .model import load_model
-
-    dev = _select_device(device)
-    if spec in ("bundled", "default"):
-        from .model import bundled_model_dir
-
-        return load_model(bundled_model_dir(), device=dev)
-    p = Path(spec)
-    if p.exists() or os.sep in spec or spec.endswith((".json", ".safetensors", ".pt", ".pth")):
-        return load_model(p, device=dev)
-    if not _VERSION_SPEC.match(spec):
-        raise ModelError(
-            f"No model at {spec}: no such folder, and not a version id",
-            "give a model folder (model.json + weights.safetensors), a version id such as "
-            "v002, 'current' or 'bundled'",
-        )
     from .registry import Registry
 
-    return Registry().load(spec, device=dev)
+    return load_model(Registry().resolve(spec), device=_select_device(device))
 
 
 def _prepare_output_dir(path: str) -> Any:
