@@ -103,8 +103,7 @@ def pick(
     from napari_bulbseg.postprocess import PostProcess
     from napari_bulbseg.ranking import rank, score_stack
 
-    card = loaded.card
-    spec = PostProcess.from_dict({**(card.postprocess or {}), "threshold": card.threshold})
+    spec = PostProcess.from_card(loaded.card)
     probs = probs_of(loaded, pool)
     if is_stack:  # one stack: neighbours are compared
         scores = score_stack(np.stack(probs), spec, is_stack=True)

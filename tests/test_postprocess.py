@@ -87,6 +87,23 @@ def test_from_dict_rejects_unknown_keys():
 # --- thresholds ----------------------------------------------------------------------------
 
 
+def test_from_card_is_the_card_rule_with_overrides():
+    from napari_bulbseg.model import ModelCard
+
+    card = ModelCard(name="c", threshold=0.3, postprocess={"threshold": 0.9, "min_size": 5})
+    before = dict(card.postprocess)
+    assert PostProcess.from_card(card) == PostProcess(threshold=0.3, min_size=5)
+    # None means "not given"; 0 and False are real values
+    got = PostProcess.from_card(card, threshold=None, min_size=0, fill_holes=True)
+    assert got == PostProcess(threshold=0.3, min_size=0, fill_holes=True)
+    assert PostProcess.from_card(card, threshold=0.6).threshold == 0.6
+    assert card.postprocess == before
+    with pytest.raises(InputError, match="Unknown post-processing"):
+        PostProcess.from_card(card, smooth=2)
+    with pytest.raises(InputError, match="outside"):
+        PostProcess.from_card(card, threshold=1.5)
+
+
 def test_to_float_prob():
     u8 = np.array([0, 51, 255], dtype=np.uint8)
     f = to_float_prob(u8)

@@ -140,15 +140,13 @@ def _check_unique_outputs(files: Sequence[Path]) -> None:
 def _postprocess_from(args: argparse.Namespace, card: Any) -> Any:
     from .postprocess import PostProcess
 
-    d = dict(card.postprocess or {})
-    d["threshold"] = card.threshold if args.threshold is None else args.threshold
-    if args.min_size is not None:
-        d["min_size"] = args.min_size
-    if args.keep_largest is not None:
-        d["keep_largest"] = args.keep_largest
-    if args.fill_holes is not None:
-        d["fill_holes"] = args.fill_holes
-    return PostProcess.from_dict(d)
+    return PostProcess.from_card(
+        card,
+        threshold=args.threshold,
+        min_size=args.min_size,
+        keep_largest=args.keep_largest,
+        fill_holes=args.fill_holes,
+    )
 
 
 def _add_predict_options(p: argparse.ArgumentParser) -> None:
@@ -451,9 +449,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .inference import PredictOptions, iter_predict
 
     prob = _run_with_bar(iter_predict(loaded, stack, PredictOptions(device=args.device)), "predict")
-    spec = PostProcess.from_dict(
-        {**(loaded.card.postprocess or {}), "threshold": loaded.card.threshold}
-    )
+    spec = PostProcess.from_card(loaded.card)
     mask = postprocess_stack(prob, spec)
     from .metrics import stack_metrics
 

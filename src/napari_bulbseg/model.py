@@ -324,7 +324,7 @@ def _check_card_postprocess(card: ModelCard, source: str) -> None:
     from .postprocess import PostProcess
 
     try:
-        PostProcess.from_dict({**card.postprocess, "threshold": card.threshold})
+        PostProcess.from_card(card)
     except (InputError, TypeError) as e:
         raise ModelError(
             f"{source} has invalid post-processing defaults {card.postprocess!r} ({e})",

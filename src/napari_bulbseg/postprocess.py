@@ -142,6 +142,20 @@ class PostProcess:
             )
         return cls(**d)
 
+    @classmethod
+    def from_card(cls, card: Any, **overrides: Any) -> PostProcess:
+        """The post-processing a model card recommends, with ``overrides`` on top.
+
+        The card's ``postprocess`` defaults with its ``threshold`` (which wins over a
+        ``threshold`` key inside ``postprocess``); then each override that is not ``None``
+        (``None`` = not given, e.g. an unset command-line option). InputError for an invalid
+        value or an unknown setting.
+        """
+        d = {k: v for k, v in dict(card.postprocess or {}).items() if k != "threshold"}
+        d["threshold"] = card.threshold
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(d)
+
 
 def _check_prob_dtype(dtype: np.dtype) -> None:
     if dtype not in (np.float16, np.float32, np.float64, np.uint8):
