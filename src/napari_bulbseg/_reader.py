@@ -19,9 +19,7 @@ from napari.utils.notifications import show_error, show_info
 from .errors import BulbsegError, InputError
 from .io import (
     IMAGE_SUFFIXES,
-    MASK_FOLDERS,
-    MASK_SUFFIXES,
-    file_stem,
+    is_mask_name,
     mask_partner_candidates,
     slice_files,
 )
@@ -45,10 +43,7 @@ def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]]
     return read_images
 
 
-def is_mask_name(path: Path) -> bool:
-    """True for files named like a mask (``*_mask.tif``) or kept in a ``masks/`` folder."""
-    stem = file_stem(path).lower()
-    return stem.endswith(MASK_SUFFIXES) or path.parent.name.lower() in MASK_FOLDERS
+__all__ = ["find_mask_partner", "is_mask_name", "napari_get_reader", "read_images"]
 
 
 def find_mask_partner(path: str | Path) -> Path | None:

@@ -16,7 +16,14 @@ from typing import Any
 
 from . import __version__
 from .errors import BulbsegError, CancelledError, InputError
-from .io import IMAGE_SUFFIXES, file_stem, image_files, slice_files
+from .io import (
+    IMAGE_SUFFIXES,
+    file_stem,
+    image_files,
+    prediction_names,
+    prob_files,
+    slice_files,
+)
 from .options import LOSS_NAMES
 
 # --------------------------------------------------------------------------- progress display
@@ -131,7 +138,7 @@ def _check_unique_outputs(files: Sequence[Path]) -> None:
         stem = file_stem(f)
         if stem in seen:
             raise InputError(
-                f"{seen[stem]} and {f} would both be written as {stem}_mask.tif",
+                f"{seen[stem]} and {f} would both be written as {prediction_names(f, False)[0]}",
                 "predict them into different output folders, or rename one of them",
             )
         seen[stem] = f
@@ -269,7 +276,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     for item in args.inputs:
         p = Path(item)
         if p.is_dir():
-            probs += sorted(p.glob("*_prob.tif"))
+            probs += prob_files(p)
         elif p.exists():
             probs.append(p)
         else:
@@ -286,40 +293,30 @@ def cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
-def _strip_pred_suffix(stem: str) -> str:
-    for suf in ("_mask", "_pred", "_prediction"):
-        if stem.endswith(suf):
-            return stem[: -len(suf)]
-    return stem
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .io import read_mask
+    from .io import pair_masks, read_mask
     from .metrics import stack_metrics, write_metrics_csv
 
-    preds = {_strip_pred_suffix(file_stem(p)): p for p in _collect_inputs([args.pred])}
-    truths = {file_stem(p): p for p in _collect_inputs([args.truth])}
-    common = sorted(set(preds) & set(truths))
-    if not common:
+    pairs, missing = pair_masks(_collect_inputs([args.pred]), _collect_inputs([args.truth]))
+    if not pairs:
         raise InputError(
             f"No prediction in {args.pred} matches a truth file in {args.truth} by name",
-            "name predictions like the truth files (a '_mask' suffix is ignored)",
+            "name predictions like the truth files (endings such as _mask, _pred, _gt are ignored)",
         )
-    missing = sorted(set(truths) - set(preds))
     if missing:
         print(
-            f"warning: {len(missing)} truth file(s) have no prediction, e.g. {missing[0]}",
+            f"warning: {len(missing)} truth file(s) have no prediction, e.g. {missing[0].name}",
             file=sys.stderr,
         )
     t_planes, p_planes, names = [], [], []
-    for stem in common:
-        t, p = read_mask(truths[stem]), read_mask(preds[stem])
+    for stem, t_path, p_path in pairs:
+        t, p = read_mask(t_path), read_mask(p_path)
         if t.shape != p.shape:
             raise InputError(
-                f"{stem}: prediction shape {p.shape} ({preds[stem].name}) differs from truth "
-                f"shape {t.shape} ({truths[stem].name})",
+                f"{stem}: prediction shape {p.shape} ({p_path.name}) differs from truth "
+                f"shape {t.shape} ({t_path.name})",
                 "predict on the same images the truth was drawn on",
             )
         t = t[None] if t.ndim == 2 else t

@@ -62,7 +62,12 @@ __all__ = [
     "Stack",
     "file_stem",
     "image_files",
+    "image_stem_of_mask",
+    "is_mask_name",
     "list_pairs",
+    "pair_masks",
+    "prediction_names",
+    "prob_files",
     "read_image",
     "read_mask",
     "read_stack",
@@ -81,6 +86,68 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 MASK_SUFFIXES = ("_mask", "_masks", "-mask", "_gt", "_labels")
 #: folders holding ground-truth masks, beside an image or beside its ``images/`` folder
 MASK_FOLDERS = ("masks", "labels")
+#: what ``bulbseg predict`` writes for image ``<stem>``: ``<stem>_prob.tif``, ``<stem>_mask.tif``
+PROB_SUFFIX = "_prob"
+PRED_MASK_SUFFIX = "_mask"
+#: name endings of a predicted mask (ours, or another tool's) after the image's stem
+PRED_SUFFIXES = ("_mask", "_pred", "_prediction")
+
+
+def is_mask_name(path: str | os.PathLike) -> bool:
+    """True for files named like a ground-truth mask (``*_mask.tif``, see ``MASK_SUFFIXES``)
+    or kept in a mask folder (``masks/``, ``labels/``)."""
+    path = Path(path)
+    stem = file_stem(path).lower()
+    return stem.endswith(MASK_SUFFIXES) or path.parent.name.lower() in MASK_FOLDERS
+
+
+def image_stem_of_mask(path: str | os.PathLike) -> str:
+    """The stem of the image a mask file belongs to: its stem without one ground-truth
+    (``MASK_SUFFIXES``) or prediction (``PRED_SUFFIXES``) ending — ``x_gt.tif`` and
+    ``x_mask.tif`` both give ``x``; a name without such an ending is kept."""
+    stem = file_stem(Path(path))
+    for suf in sorted(set(MASK_SUFFIXES) | set(PRED_SUFFIXES), key=len, reverse=True):
+        if stem.lower().endswith(suf) and len(stem) > len(suf):
+            return stem[: -len(suf)]
+    return stem
+
+
+def pair_masks(
+    preds: Sequence[Path], truths: Sequence[Path]
+) -> tuple[list[tuple[str, Path, Path]], list[Path]]:
+    """Pair predicted masks with ground-truth masks by name: ``(name, truth, pred)`` triples in
+    natural order, and the truths without a prediction.
+
+    Exact stems match first; then the stems without a mask ending (:func:`image_stem_of_mask`),
+    so ``x_mask.tif`` (predicted) pairs with ``x.tif``, ``x_gt.tif`` or ``x_mask.tif`` (truth).
+    """
+    by_key: dict[str, Path] = {}
+    for p in preds:
+        by_key.setdefault(file_stem(p), p)
+    for p in preds:
+        by_key.setdefault(image_stem_of_mask(p), p)
+    pairs, missing = [], []
+    for t in truths:
+        keys = (file_stem(t), image_stem_of_mask(t))
+        match = next((by_key[k] for k in keys if k in by_key), None)
+        if match is None:
+            missing.append(t)
+        else:
+            pairs.append((image_stem_of_mask(t), t, match))
+    pairs.sort(key=lambda x: _natural_key(x[0]))
+    return pairs, missing
+
+
+def prediction_names(path: str | os.PathLike, write_prob: bool = True) -> list[str]:
+    """The files ``bulbseg predict`` writes for image ``path``: probabilities, then the mask."""
+    stem = file_stem(Path(path))
+    mask = f"{stem}{PRED_MASK_SUFFIX}.tif"
+    return [f"{stem}{PROB_SUFFIX}.tif", mask] if write_prob else [mask]
+
+
+def prob_files(folder: str | os.PathLike) -> list[Path]:
+    """The probability maps ``bulbseg predict`` wrote into ``folder`` (``*_prob.tif``)."""
+    return sorted(Path(folder).glob(f"*{PROB_SUFFIX}.tif"), key=lambda p: _natural_key(p.name))
 
 
 def mask_partner_candidates(
