@@ -65,6 +65,7 @@ __all__ = [
     "image_stem_of_mask",
     "is_mask_name",
     "list_pairs",
+    "mask_foreground",
     "pair_masks",
     "prediction_names",
     "prob_files",
@@ -1078,35 +1079,59 @@ def read_image_rgb(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
     return np.asarray(stack.data[0]), bool(stack.rgb)
 
 
-def to_binary_mask(values: Any, what: str = "mask") -> np.ndarray:
-    """Validate a mask and return it as uint8 ``{0, 1}`` (same shape).
+def mask_foreground(values: Any, what: str = "mask", labels: bool = False) -> np.ndarray:
+    """The one rule for what a mask may hold; returns its foreground as a bool array.
 
-    Accepted: bool, or values within ``{0, 1}``, ``{0, 255}`` or ``{0, 1, 255}`` (any dtype
-    holding exactly those values); any nonzero becomes 1. Anything else raises InputError.
+    - ``bool``: as it is.
+    - numbers: 0 is background, and the other values allowed are 1 and 255 (0/1 and 0/255 masks
+      both work). Float masks holding anything else (fractions, NaN) look like probabilities and
+      are refused; with ``labels=True`` integer masks may hold instance labels (any non-zero
+      label is foreground), otherwise they are refused too.
+    - anything else (strings, objects): refused.
+
+    Mask files and training masks follow it with ``labels=False`` (:func:`to_binary_mask`,
+    :func:`read_mask`); arrays given to metrics and post-processing, where a Labels layer may
+    hold instance labels, with ``labels=True`` (``postprocess.as_bool_mask``). InputError names
+    ``what`` (e.g. ``"The prediction"`` or a file path), the values found, and what to do.
     """
     arr = np.asarray(values)
     if arr.dtype == bool:
-        return arr.astype(np.uint8)
+        return arr
     if arr.dtype.kind not in "uif":
-        raise InputError(f"{what} has unsupported type {arr.dtype}", "pass a binary mask")
-    if arr.dtype == np.uint8:
-        counts = np.bincount(arr.ravel(), minlength=256)
-        present = np.flatnonzero(counts)
-    else:
-        present = np.unique(arr)
-    allowed = {0, 1, 255}
-    if not all(float(v) in allowed for v in present):
-        shown = ", ".join(f"{v:g}" for v in present[:6]) + (", …" if len(present) > 6 else "")
-        if arr.dtype.kind == "f":
-            hint = "threshold probabilities first (e.g. prob > 0.5) and save a binary mask"
-        else:
-            hint = "pass a binary mask (0/1 or 0/255); for instance labels use labels > 0"
         raise InputError(
-            f"{what} is not a binary mask: it holds {len(present)} distinct values "
-            f"({shown}; dtype {arr.dtype})",
-            hint,
+            f"{what} has type {arr.dtype}, not a number type",
+            "use a uint8 mask with 0 for background and 1 (or 255) for foreground",
         )
-    return (arr != 0).astype(np.uint8)
+    fg = arr != 0
+    if arr.dtype.kind != "f" and labels:
+        return fg
+    if arr.dtype == np.uint8:
+        ok = not np.any(np.bincount(arr.ravel(), minlength=256)[2:255])
+    else:
+        ok = not np.any(fg & (arr != 1) & (arr != 255))  # NaN is unequal to all: not ok
+    if ok:
+        return fg
+    present = np.unique(arr)
+    shown = ", ".join(f"{v:g}" for v in present[:6]) + (", …" if len(present) > 6 else "")
+    found = f"it holds {len(present)} distinct values ({shown}; dtype {arr.dtype})"
+    if arr.dtype.kind == "f":
+        raise InputError(
+            f"{what} is not a binary mask: {found}; it looks like probabilities, not a mask",
+            "threshold probabilities first (e.g. prob >= 0.5) and pass or save the binary mask",
+        )
+    raise InputError(
+        f"{what} is not a binary mask: {found}",
+        "pass a binary mask (0/1 or 0/255); for instance labels use labels > 0",
+    )
+
+
+def to_binary_mask(values: Any, what: str = "mask") -> np.ndarray:
+    """Validate a mask and return it as uint8 ``{0, 1}`` (same shape).
+
+    The rule of :func:`mask_foreground` with ``labels=False``: bool, or numbers holding only
+    0, 1 and 255; any nonzero becomes 1. Anything else raises InputError.
+    """
+    return mask_foreground(values, what).astype(np.uint8)
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
