@@ -32,8 +32,9 @@ sys.path.insert(0, str(REPO / "scripts"))
 from train_default_model import SOURCES, load_sources  # noqa: E402
 
 from napari_bulbseg.inference import PredictOptions, predict  # noqa: E402
-from napari_bulbseg.model import bundled_model_dir, load_model  # noqa: E402
+from napari_bulbseg.model import load_model  # noqa: E402
 from napari_bulbseg.postprocess import threshold_prob  # noqa: E402
+from napari_bulbseg.registry import Registry  # noqa: E402
 from napari_bulbseg.scale import resize_image, resize_mask, resized_shape  # noqa: E402
 
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     def load(spec: str):
-        return load_model(bundled_model_dir() if spec == "bundled" else Path(spec))
+        return load_model(Registry().resolve(spec))
 
     loaded = load(args.model)
     base = load(args.baseline) if args.baseline else None

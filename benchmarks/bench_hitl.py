@@ -103,8 +103,7 @@ def pick(
     from napari_bulbseg.postprocess import PostProcess
     from napari_bulbseg.ranking import rank, score_stack
 
-    card = loaded.card
-    spec = PostProcess.from_dict({**(card.postprocess or {}), "threshold": card.threshold})
+    spec = PostProcess.from_card(loaded.card)
     probs = probs_of(loaded, pool)
     if is_stack:  # one stack: neighbours are compared
         scores = score_stack(np.stack(probs), spec, is_stack=True)
@@ -213,11 +212,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from napari_bulbseg.model import bundled_model_dir, load_model
+    from napari_bulbseg.model import load_model
+    from napari_bulbseg.registry import Registry
     from napari_bulbseg.training import evaluate_model
 
     torch.set_num_threads(1)
-    base = load_model(bundled_model_dir() if args.base == "bundled" else args.base)
+    base = load_model(Registry().resolve(args.base))
     pool, held, is_stack = load_source(args.source, args.data, args.pool_max, 0)
     if args.quick:
         held = held[:6]

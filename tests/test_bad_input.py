@@ -637,7 +637,7 @@ def test_cli_cuda_requested_without_gpu(tmp_path, capsys, tiny_model_dir, img):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present")
     rc, _, err = predict(capsys, tiny_model_dir, img, tmp_path / "out", "--device", "cuda")
-    one_error_line(rc, err, "no CUDA GPU", "--device cpu")
+    one_error_line(rc, err, "CUDA was requested but is not available", "--device cpu")
 
 
 @pytest.mark.parametrize(

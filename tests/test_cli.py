@@ -157,3 +157,25 @@ def test_demo_with_bundled_model_is_accurate(tmp_path, capsys):
     pooled = next(r for r in rows if "pool" in "".join(r.values()).lower())
     # the bundled model reaches Dice >= 0.95 on BBBC039 validation; the sample is 3 such images
     assert float(pooled["dice"]) > 0.9
+
+
+def test_train_help_lists_every_loss(capsys):
+    from napari_bulbseg.losses import LOSS_NAMES
+
+    assert main(["train", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "one of " + ", ".join(LOSS_NAMES) in out and "bce+dice" in out
+
+
+def test_evaluate_pairs_gt_named_truth_with_predicted_masks(tmp_path, capsys):
+    """Truth ``x_gt.tif`` (a ground-truth ending the reader knows) pairs with ``x_mask.tif``."""
+    from napari_bulbseg.io import write_mask
+
+    m = np.zeros((16, 16), np.uint8)
+    m[4:10, 4:10] = 1
+    write_mask(tmp_path / "truth" / "x_gt.tif", m)
+    write_mask(tmp_path / "pred" / "x_mask.tif", m)
+    rc = main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "1.0000" in out.out and "no prediction" not in out.err

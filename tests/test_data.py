@@ -162,3 +162,34 @@ def test_augmentation_keeps_image_and_mask_aligned():
     assert len(seen) > 3  # flips and rotations really happen
     x, _, _ = Augment(noise=0.0)(img * 0.5 + 0.25, mask, np.ones_like(mask), rng)
     assert 0.1 < x.min() and x.max() < 0.9  # "mild" intensity changes
+
+
+def test_training_reads_channels_as_prediction_does(tmp_path):
+    """A 4-channel hyperstack (not colour) trains a 4-channel model, as predict reads it."""
+    from napari_bulbseg import io
+    from napari_bulbseg.inference import _as_source
+
+    rng = np.random.default_rng(3)
+    mask = disc_sample(0).mask
+    chans = rng.integers(0, 1000, (4, *mask.shape)).astype(np.uint16)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    io.write_tiff(tmp_path / "images" / "a.tif", chans, axes="CYX")
+    io.write_mask(tmp_path / "masks" / "a.tif", mask)
+    (sample,) = samples_from_folders(tmp_path)
+    stack = io.read_stack(tmp_path / "images" / "a.tif")
+    assert not stack.rgb and sample.rgb is False
+    assert sample.channels == 4  # not "RGBA counted as 3"
+    norm = Normalization()
+    prep = prepare_sample(sample, sample.channels, norm)
+    source = _as_source(stack)
+    expected = prepare_image(source.plane(0), 4, norm, rgb=source.rgb)
+    assert prep.image.shape == (4, *mask.shape)
+    np.testing.assert_array_equal(prep.image, expected)
+    # the same from the slices of an open stack
+    (from_slices,) = samples_from_slices(stack, mask[None])
+    assert from_slices.rgb is False and from_slices.channels == 4
+    # colour and unknown images keep the RGBA rule
+    rgba = np.moveaxis(chans, 0, -1).astype(np.uint8)
+    assert make_sample(rgba, mask).channels == 3
+    assert make_sample(rgba, mask, rgb=True).channels == 3

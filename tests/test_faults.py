@@ -20,17 +20,17 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import discs, tiny_config
 from napari_bulbseg import inference, training
 from napari_bulbseg import io as bio
 from napari_bulbseg.cli import main
-from napari_bulbseg.data import make_sample
 from napari_bulbseg.errors import CancelledError, InputError, TrainingError
 from napari_bulbseg.events import Progress, drain
 from napari_bulbseg.inference import PredictOptions, iter_predict
 from napari_bulbseg.model import ModelCard, UNet, UNetConfig, load_model
 from napari_bulbseg.outputs import MANIFEST
 from napari_bulbseg.registry import Registry
-from napari_bulbseg.training import TrainConfig, iter_train
+from napari_bulbseg.training import iter_train
 
 SENTINEL = np.float16(-1.0)
 
@@ -44,37 +44,6 @@ def tree(root: Path) -> dict[str, bytes | None]:
     for p in sorted(root.rglob("*")):
         out[str(p.relative_to(root))] = None if p.is_dir() else p.read_bytes()
     return out
-
-
-def discs(n: int, seed: int = 0, shape=(48, 48)):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    out = []
-    for _ in range(n):
-        r = rng.uniform(5, 9)
-        cy, cx = rng.uniform(r, shape[0] - r), rng.uniform(r, shape[1] - r)
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
-        img = (200 + 1500 * mask + rng.normal(0, 60, shape)).clip(0, 4095).astype(np.uint16)
-        out.append(make_sample(img, mask))
-    return out
-
-
-def tiny_config(**kw) -> TrainConfig:
-    d = dict(
-        epochs=1,
-        steps_per_epoch=2,
-        batch_size=2,
-        patch_size=32,
-        lr=5e-3,
-        base_channels=4,
-        depth=2,
-        val_fraction=0.3,
-        early_stopping_patience=0,
-        num_threads=1,
-        thresholds=(0.25, 0.5, 0.75),
-    )
-    d.update(kw)
-    return TrainConfig(**d)
 
 
 @pytest.fixture

@@ -412,6 +412,11 @@ def test_select_device(monkeypatch):
     with pytest.raises(InputError, match="CUDA was requested") as err:
         select_device("cuda")
     assert "CUDA build" in err.value.hint or "cpu" in err.value.hint
+    for build_cuda, why in ((None, "has no CUDA support"), ("12.1", "no CUDA GPU is visible")):
+        monkeypatch.setattr(torch.version, "cuda", build_cuda)
+        with pytest.raises(InputError) as err:
+            select_device("cuda")
+        assert why in err.value.message and err.value.message.count("no CUDA") == 1
     with pytest.raises(InputError, match="MPS"):
         select_device("mps")
     with pytest.raises(InputError, match="Unknown device"):

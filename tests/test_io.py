@@ -724,3 +724,30 @@ def test_cmyk_jpeg_is_converted_to_rgb(tmp_path):
     assert any("CMYK" in n for n in st.notes)
     lum = np.asarray(st.data[0], np.float32).mean(axis=-1)
     assert lum[15:25, 15:25].mean() > 200 and lum[:5, :5].mean() < 60
+
+
+def test_file_name_rules_are_written_once(tmp_path):
+    from napari_bulbseg import io as bio
+
+    assert bio.is_mask_name(tmp_path / "cells_mask.ome.tif")
+    assert bio.is_mask_name(tmp_path / "masks" / "cells.tif")
+    assert not bio.is_mask_name(tmp_path / "cells.tif")
+    assert bio.prediction_names(tmp_path / "a.ome.tif") == ["a_prob.tif", "a_mask.tif"]
+    assert bio.prediction_names("a.tif", write_prob=False) == ["a_mask.tif"]
+    for name in ("x.tif", "x_mask.tif", "x_gt.tif", "x-mask.png", "x_pred.tif", "x_labels.tif"):
+        assert bio.image_stem_of_mask(tmp_path / name) == "x", name
+    assert bio.image_stem_of_mask("_mask.tif") == "_mask"  # nothing left: the name is kept
+    # evaluate's pairing: exact names first, then names without a mask ending
+    preds = [Path(n) for n in ("p/a_mask.tif", "p/b_pred.tif", "p/s_gt_mask.tif", "p/x.tif")]
+    truths = [Path(n) for n in ("t/a_gt.tif", "t/b.tif", "t/s_gt.tif", "t/none.tif")]
+    pairs, missing = bio.pair_masks(preds, truths)
+    assert [(n, t.name, p.name) for n, t, p in pairs] == [
+        ("a", "a_gt.tif", "a_mask.tif"),
+        ("b", "b.tif", "b_pred.tif"),
+        ("s", "s_gt.tif", "s_gt_mask.tif"),
+    ]
+    assert missing == [Path("t/none.tif")]
+    (tmp_path / "out").mkdir()
+    for n in ("b_prob.tif", "a_prob.tif", "a_mask.tif"):
+        (tmp_path / "out" / n).write_bytes(b"")
+    assert [p.name for p in bio.prob_files(tmp_path / "out")] == ["a_prob.tif", "b_prob.tif"]

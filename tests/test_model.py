@@ -63,6 +63,19 @@ def test_save_load_roundtrip(tmp_path, small):
     )
 
 
+def test_save_never_changes_the_process_umask(tmp_path, small, monkeypatch):
+    """Setting the umask (even to restore it) is seen by every thread: saving only reads it."""
+    import os
+
+    from napari_bulbseg.atomic import current_umask
+
+    calls = []
+    monkeypatch.setattr(os, "umask", lambda m: calls.append(m) or 0o022)
+    out = save_model(tmp_path / "m", small, ModelCard(name="m"))
+    assert calls == []
+    assert out.stat().st_mode & 0o777 == 0o777 & ~current_umask()
+
+
 def test_float16_weights_are_smaller_and_close(tmp_path, small):
     a = save_model(tmp_path / "a", small, ModelCard())
     b = save_model(tmp_path / "b", small, ModelCard(), dtype="float16")

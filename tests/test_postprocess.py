@@ -18,6 +18,7 @@ from napari_bulbseg.postprocess import (
     DIFF_TN,
     DIFF_TP,
     PostProcess,
+    as_bool_mask,
     count_objects,
     difference_map,
     fill_holes,
@@ -85,6 +86,23 @@ def test_from_dict_rejects_unknown_keys():
 
 
 # --- thresholds ----------------------------------------------------------------------------
+
+
+def test_from_card_is_the_card_rule_with_overrides():
+    from napari_bulbseg.model import ModelCard
+
+    card = ModelCard(name="c", threshold=0.3, postprocess={"threshold": 0.9, "min_size": 5})
+    before = dict(card.postprocess)
+    assert PostProcess.from_card(card) == PostProcess(threshold=0.3, min_size=5)
+    # None means "not given"; 0 and False are real values
+    got = PostProcess.from_card(card, threshold=None, min_size=0, fill_holes=True)
+    assert got == PostProcess(threshold=0.3, min_size=0, fill_holes=True)
+    assert PostProcess.from_card(card, threshold=0.6).threshold == 0.6
+    assert card.postprocess == before
+    with pytest.raises(InputError, match="Unknown post-processing"):
+        PostProcess.from_card(card, smooth=2)
+    with pytest.raises(InputError, match="outside"):
+        PostProcess.from_card(card, threshold=1.5)
 
 
 def test_to_float_prob():
@@ -399,3 +417,46 @@ def test_difference_colors():
     assert np.abs(fp - fn).sum() > 1.5  # clearly different hues
     assert DIFF_COLORS[DIFF_TP][3] < DIFF_COLORS[DIFF_FP][3]  # TP muted
     assert np.ptp(tp) < 0.1  # grey
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.array([[0, 1], [1, 0]], np.uint8),
+        np.array([[0, 255], [0, 0]], np.uint16),
+        np.array([[0.0, 1.0], [255.0, 0.0]], np.float32),
+        np.array([[True, False], [False, True]]),
+    ],
+)
+def test_one_mask_rule_for_files_and_arrays(values):
+    """as_bool_mask is io's mask rule (with instance labels allowed): same answers, same words."""
+    from napari_bulbseg import io
+
+    np.testing.assert_array_equal(as_bool_mask(values), io.to_binary_mask(values).astype(bool))
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (
+            np.full((3, 3), 0.3, np.float32),
+            ("not a binary mask", "0.3", "looks like probabilities"),
+        ),
+        (np.array([[0.0, np.nan]]), ("not a binary mask", "nan", "looks like probabilities")),
+        (np.array([["a"]]), ("not a number type",)),
+    ],
+)
+def test_one_mask_rule_refuses_alike(bad, words):
+    from napari_bulbseg import io
+
+    with pytest.raises(InputError) as a:
+        as_bool_mask(bad, "prediction")
+    with pytest.raises(InputError) as b:
+        io.to_binary_mask(bad, "The prediction")
+    assert str(a.value) == str(b.value)
+    assert all(w in str(a.value) for w in words)
+    # integer instance labels: foreground for metrics, refused as a mask file
+    labels = np.array([[0, 2], [7, 0]], np.int32)
+    np.testing.assert_array_equal(as_bool_mask(labels), labels > 0)
+    with pytest.raises(InputError, match="labels > 0"):
+        io.to_binary_mask(labels)

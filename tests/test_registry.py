@@ -193,3 +193,43 @@ def test_lineage_walks_the_rounds_back_to_the_bundled_model(tmp_path, bundled):
     d["parent"] = v4  # v001 → v004 → v002 → v001 …
     cardfile.write_text(json.dumps(d))
     assert len(reg.lineage(v4)) <= 3
+
+
+def test_saving_leaves_the_callers_card_unchanged(tmp_path, bundled):
+    """save_version / save_model write a completed copy; the card passed in stays as it was."""
+    reg = Registry(tmp_path / "models")
+    c = card()
+    before = c.to_dict()
+    vid = reg.save_version(tiny_model(), c)
+    assert c.to_dict() == before and c.version != vid and c.weights == {}
+    assert reg.load(vid).card.version == vid and reg.load(vid).card.weights["sha256"]
+    path = save_model(tmp_path / "plain", UNet(UNetConfig(1, 1, 4, 3)), c)
+    assert c.to_dict() == before
+    assert model_mod.read_card(path).architecture["base_channels"] == 4
+
+
+def test_resolve_is_the_one_rule_for_naming_a_model(tmp_path, bundled, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    reg = Registry(tmp_path / "models")
+    assert reg.resolve("bundled") == reg.resolve("default") == bundled
+    assert reg.resolve("current") == bundled  # nothing trained yet
+    vid = reg.save_version(tiny_model(1), card())
+    assert reg.resolve("current") == reg.resolve(vid) == reg.root / vid
+    assert reg.resolve(f"bundled:{bundled_ref().split(':')[1][:6]}") == bundled
+    folder = save_model(tmp_path / "mine", tiny_model(2), card())
+    assert reg.resolve(str(folder)) == folder
+    assert reg.resolve(folder / "model.json").parent == folder
+    assert reg.resolve("mine") == Path("mine")  # a folder here, not a registry name
+    with pytest.raises(ModelError, match="not a model version id"):
+        reg.load("mine")  # load takes registry names only
+    with pytest.raises(ModelError, match="No model version v009"):
+        reg.resolve("v009")
+    with pytest.raises(ModelError, match="No model at nothing-here"):
+        reg.resolve("nothing-here")
+    with pytest.raises(ModelError, match="ships a different default model"):
+        reg.resolve("bundled:ffffffffffff" if not bundled_ref().endswith("f") else "bundled:0")
+    # a version id that is also another folder here is ambiguous; ./v001 names the folder
+    save_model(tmp_path / vid, tiny_model(3), card())
+    with pytest.raises(ModelError, match="names both the folder"):
+        reg.resolve(vid)
+    assert reg.resolve(f"./{vid}") == Path(vid)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import discs, tiny_config
 from napari_bulbseg import model as model_mod
-from napari_bulbseg.data import make_sample
 from napari_bulbseg.errors import CancelledError, InputError, TrainingError
 from napari_bulbseg.events import TrainProgress
 from napari_bulbseg.model import LoadedModel, ModelCard, UNet, UNetConfig, load_model
@@ -26,47 +26,10 @@ from napari_bulbseg.training import (
 )
 
 
-def discs(n: int, seed: int = 0, shape=(64, 64), rgb: bool = False):
-    """Bright discs (1–3 per image, radius 5–10) on a noisy dark background, with exact masks."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    out = []
-    for _ in range(n):
-        mask = np.zeros(shape, bool)
-        for _ in range(rng.integers(1, 4)):
-            r = rng.uniform(5, 10)
-            cy, cx = rng.uniform(r, shape[0] - r), rng.uniform(r, shape[1] - r)
-            mask |= (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
-        img = 200 + 1500 * mask * rng.uniform(0.6, 1.0) + rng.normal(0, 60, shape)
-        img = np.clip(img, 0, 4095).astype(np.uint16)
-        if rgb:  # H&E-like: dark purple nuclei on a pink background
-            base = np.array([230, 180, 210], float)
-            dark = np.array([90, 40, 140], float)
-            f = (img.astype(float) / 4095)[..., None]
-            img = np.clip(base * (1 - f) + dark * f, 0, 255).astype(np.uint8)
-        out.append(make_sample(img, mask))
-    return out
-
-
 def tiny(**kw) -> TrainConfig:
-    """A configuration small enough for a unit test (a few steps of a small U-Net)."""
-    defaults = dict(
-        epochs=1,
-        steps_per_epoch=2,
-        batch_size=2,
-        patch_size=32,
-        lr=5e-3,
-        base_channels=4,
-        depth=2,
-        val_fraction=0.3,
-        early_stopping_patience=0,
-        num_threads=1,
-        thresholds=(0.25, 0.5, 0.75),
-        # a few steps rarely beat their base: these tests are about what gets written
-        require_improvement=False,
-    )
-    defaults.update(kw)
-    return TrainConfig(**defaults)
+    """:func:`tiny_config` that does not require beating the base model."""
+    # a few steps rarely beat their base: these tests are about what gets written
+    return tiny_config(**{"require_improvement": False, **kw})
 
 
 def tree(root) -> set[str]:

@@ -19,9 +19,7 @@ from napari.utils.notifications import show_error, show_info
 from .errors import BulbsegError, InputError
 from .io import (
     IMAGE_SUFFIXES,
-    MASK_FOLDERS,
-    MASK_SUFFIXES,
-    file_stem,
+    is_mask_name,
     mask_partner_candidates,
     slice_files,
 )
@@ -45,10 +43,7 @@ def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]]
     return read_images
 
 
-def is_mask_name(path: Path) -> bool:
-    """True for files named like a mask (``*_mask.tif``) or kept in a ``masks/`` folder."""
-    stem = file_stem(path).lower()
-    return stem.endswith(MASK_SUFFIXES) or path.parent.name.lower() in MASK_FOLDERS
+__all__ = ["find_mask_partner", "is_mask_name", "napari_get_reader", "read_images"]
 
 
 def find_mask_partner(path: str | Path) -> Path | None:
@@ -117,17 +112,25 @@ def _geometry(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _units_safe(meta: dict[str, Any]) -> dict[str, Any]:
-    """Drop a unit napari (pint) cannot parse rather than fail the whole read."""
+    """Give napari a unit it can parse (``µm`` → ``um``); an unknown one is not passed on (napari
+    would refuse the layer) but kept in the layer metadata (``bulbseg_unit``) and reported."""
     unit = meta.get("units")
     if unit is None:
         return meta
+    ascii_unit = unit.replace("µ", "u").replace("μ", "u")
     try:
         import pint
 
-        pint.get_application_registry().Unit(unit.replace("µ", "u").replace("μ", "u"))
-        meta["units"] = unit.replace("µ", "u").replace("μ", "u")
+        pint.get_application_registry().Unit(ascii_unit)
+        meta["units"] = ascii_unit
     except Exception:
         meta.pop("units", None)
+        meta.setdefault("metadata", {})["bulbseg_unit"] = unit
+        show_info(
+            f"{meta.get('name', 'image')}: the file's unit {unit!r} is not one napari knows, so "
+            f"the scale is shown without a unit (it is in {unit}; kept in the layer metadata "
+            "as bulbseg_unit)"
+        )
     return meta
 
 

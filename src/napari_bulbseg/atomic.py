@@ -16,7 +16,9 @@ from typing import IO, Any
 from .errors import InputError
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only set it, and a
+    set-and-restore is visible to every other thread meanwhile); ``0o022`` when unknown."""
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
@@ -67,7 +69,7 @@ def atomic_write(
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        file_mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
+        file_mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~current_umask()
         os.chmod(tmp, file_mode)
         os.replace(tmp, path)
     except BaseException as e:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import os
-import re
 import signal
 import sys
 import threading
@@ -17,8 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import BulbsegError, CancelledError, InputError, ModelError
-from .io import IMAGE_SUFFIXES, file_stem, image_files, slice_files
+from .errors import BulbsegError, CancelledError, InputError
+from .io import (
+    IMAGE_SUFFIXES,
+    file_stem,
+    image_files,
+    prediction_names,
+    prob_files,
+    slice_files,
+)
+from .options import LOSS_NAMES
 
 # --------------------------------------------------------------------------- progress display
 
@@ -105,9 +111,6 @@ def _collect_inputs(paths: Sequence[str]) -> list[Path]:
     return files
 
 
-_VERSION_SPEC = re.compile(r"^(v\d{3,}|current|bundled(:[0-9a-f]*)?)$")
-
-
 def _select_device(device: str) -> Any:
     from .devices import select_device
 
@@ -115,26 +118,11 @@ def _select_device(device: str) -> Any:
 
 
 def _load_model(spec: str, device: str) -> Any:
-    """``bundled``, a registry version id, or a model folder."""
+    """``bundled``, ``current``, a registry version id, or a model folder (Registry.resolve)."""
     from .model import load_model
-
-    dev = _select_device(device)
-    if spec in ("bundled", "default"):
-        from .model import bundled_model_dir
-
-        return load_model(bundled_model_dir(), device=dev)
-    p = Path(spec)
-    if p.exists() or os.sep in spec or spec.endswith((".json", ".safetensors", ".pt", ".pth")):
-        return load_model(p, device=dev)
-    if not _VERSION_SPEC.match(spec):
-        raise ModelError(
-            f"No model at {spec}: no such folder, and not a version id",
-            "give a model folder (model.json + weights.safetensors), a version id such as "
-            "v002, 'current' or 'bundled'",
-        )
     from .registry import Registry
 
-    return Registry().load(spec, device=dev)
+    return load_model(Registry().resolve(spec), device=_select_device(device))
 
 
 def _prepare_output_dir(path: str) -> Any:
@@ -150,7 +138,7 @@ def _check_unique_outputs(files: Sequence[Path]) -> None:
         stem = file_stem(f)
         if stem in seen:
             raise InputError(
-                f"{seen[stem]} and {f} would both be written as {stem}_mask.tif",
+                f"{seen[stem]} and {f} would both be written as {prediction_names(f, False)[0]}",
                 "predict them into different output folders, or rename one of them",
             )
         seen[stem] = f
@@ -159,15 +147,13 @@ def _check_unique_outputs(files: Sequence[Path]) -> None:
 def _postprocess_from(args: argparse.Namespace, card: Any) -> Any:
     from .postprocess import PostProcess
 
-    d = dict(card.postprocess or {})
-    d["threshold"] = card.threshold if args.threshold is None else args.threshold
-    if args.min_size is not None:
-        d["min_size"] = args.min_size
-    if args.keep_largest is not None:
-        d["keep_largest"] = args.keep_largest
-    if args.fill_holes is not None:
-        d["fill_holes"] = args.fill_holes
-    return PostProcess.from_dict(d)
+    return PostProcess.from_card(
+        card,
+        threshold=args.threshold,
+        min_size=args.min_size,
+        keep_largest=args.keep_largest,
+        fill_holes=args.fill_holes,
+    )
 
 
 def _add_predict_options(p: argparse.ArgumentParser) -> None:
@@ -290,7 +276,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     for item in args.inputs:
         p = Path(item)
         if p.is_dir():
-            probs += sorted(p.glob("*_prob.tif"))
+            probs += prob_files(p)
         elif p.exists():
             probs.append(p)
         else:
@@ -307,40 +293,30 @@ def cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
-def _strip_pred_suffix(stem: str) -> str:
-    for suf in ("_mask", "_pred", "_prediction"):
-        if stem.endswith(suf):
-            return stem[: -len(suf)]
-    return stem
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .io import read_mask
+    from .io import pair_masks, read_mask
     from .metrics import stack_metrics, write_metrics_csv
 
-    preds = {_strip_pred_suffix(file_stem(p)): p for p in _collect_inputs([args.pred])}
-    truths = {file_stem(p): p for p in _collect_inputs([args.truth])}
-    common = sorted(set(preds) & set(truths))
-    if not common:
+    pairs, missing = pair_masks(_collect_inputs([args.pred]), _collect_inputs([args.truth]))
+    if not pairs:
         raise InputError(
             f"No prediction in {args.pred} matches a truth file in {args.truth} by name",
-            "name predictions like the truth files (a '_mask' suffix is ignored)",
+            "name predictions like the truth files (endings such as _mask, _pred, _gt are ignored)",
         )
-    missing = sorted(set(truths) - set(preds))
     if missing:
         print(
-            f"warning: {len(missing)} truth file(s) have no prediction, e.g. {missing[0]}",
+            f"warning: {len(missing)} truth file(s) have no prediction, e.g. {missing[0].name}",
             file=sys.stderr,
         )
     t_planes, p_planes, names = [], [], []
-    for stem in common:
-        t, p = read_mask(truths[stem]), read_mask(preds[stem])
+    for stem, t_path, p_path in pairs:
+        t, p = read_mask(t_path), read_mask(p_path)
         if t.shape != p.shape:
             raise InputError(
-                f"{stem}: prediction shape {p.shape} ({preds[stem].name}) differs from truth "
-                f"shape {t.shape} ({truths[stem].name})",
+                f"{stem}: prediction shape {p.shape} ({p_path.name}) differs from truth "
+                f"shape {t.shape} ({t_path.name})",
                 "predict on the same images the truth was drawn on",
             )
         t = t[None] if t.ndim == 2 else t
@@ -470,9 +446,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .inference import PredictOptions, iter_predict
 
     prob = _run_with_bar(iter_predict(loaded, stack, PredictOptions(device=args.device)), "predict")
-    spec = PostProcess.from_dict(
-        {**(loaded.card.postprocess or {}), "threshold": loaded.card.threshold}
-    )
+    spec = PostProcess.from_card(loaded.card)
     mask = postprocess_stack(prob, spec)
     from .metrics import stack_metrics
 
@@ -615,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune this model ('bundled', a folder or a version id)",
     )
     p.add_argument("--name", default="model")
-    p.add_argument("--loss", default="focal+dice", help="bce, focal, dice or focal+dice")
+    p.add_argument("--loss", default="focal+dice", help="one of " + ", ".join(LOSS_NAMES))
     p.add_argument("--epochs", type=int)
     p.add_argument("--time-budget", type=float, help="stop after this many seconds")
     p.add_argument("--steps-per-epoch", type=int)

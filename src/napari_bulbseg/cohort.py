@@ -29,7 +29,7 @@ from typing import Any
 
 from .errors import BulbsegError, InputError, ModelError
 from .events import Progress, drain
-from .io import file_stem
+from .io import prediction_names
 
 RUN_LOG = ".bulbseg-runs.jsonl"
 LOCK = ".bulbseg-lock"
@@ -38,9 +38,8 @@ _LOG_FORMAT = 1
 
 
 def output_names(path: str | os.PathLike, write_prob: bool = True) -> list[str]:
-    """The files :func:`predict_file` writes for ``path``, the mask last."""
-    stem = file_stem(Path(path))
-    return [f"{stem}_prob.tif", f"{stem}_mask.tif"] if write_prob else [f"{stem}_mask.tif"]
+    """The files :func:`predict_file` writes for ``path``, the mask last (io.prediction_names)."""
+    return prediction_names(path, write_prob)
 
 
 def not_our_outputs(files: Sequence[Path], folder: Any) -> tuple[list[Path], list[Path]]:

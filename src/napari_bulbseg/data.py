@@ -43,14 +43,17 @@ class Sample:
     mask: np.ndarray
     key: str
     source: str = ""
+    #: whether the channel axis is colour (``io.Stack.rgb``); ``None``: unknown, 3/4 channels
+    #: count as RGB(A) — the same rule as prediction (``normalize.convert_channels``)
+    rgb: bool | None = None
 
     @property
     def channels(self) -> int:
-        """Image channels as the model sees them (RGBA counts as 3)."""
+        """Image channels as the model sees them (RGBA counts as 3; 4 non-colour channels, 4)."""
         if self.image.ndim == 2:
             return 1
         c = int(self.image.shape[-1])
-        return 3 if c == 4 else c
+        return 3 if c == 4 and self.rgb is not False else c
 
 
 def fingerprint(image: np.ndarray, mask: np.ndarray) -> str:
@@ -62,8 +65,8 @@ def fingerprint(image: np.ndarray, mask: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def make_sample(image: Any, mask: Any, source: str = "") -> Sample:
-    """Validate one image/mask pair and fingerprint it."""
+def make_sample(image: Any, mask: Any, source: str = "", rgb: bool | None = None) -> Sample:
+    """Validate one image/mask pair and fingerprint it; ``rgb`` as in :class:`Sample`."""
     img = np.asarray(image)
     if img.ndim not in (2, 3):
         raise InputError(
@@ -77,7 +80,7 @@ def make_sample(image: Any, mask: Any, source: str = "") -> Sample:
             + (f" ({source})" if source else ""),
             "each mask must have the same height and width as its image",
         )
-    return Sample(image=img, mask=m, key=fingerprint(img, m), source=source)
+    return Sample(image=img, mask=m, key=fingerprint(img, m), source=source, rgb=rgb)
 
 
 def samples_from_folders(
@@ -96,8 +99,8 @@ def samples_from_folders(
         )
     samples = []
     for ip, mp in pairs:
-        img, m = bio.read_image(ip), bio.read_mask(mp)
-        samples.append(make_sample(img, m, source=Path(ip).name))
+        img, rgb = bio.read_image_rgb(ip)
+        samples.append(make_sample(img, bio.read_mask(mp), source=Path(ip).name, rgb=rgb))
     return samples
 
 
@@ -120,6 +123,7 @@ def samples_from_slices(
             f"The image stack has {n_img} slices but the mask stack {n}",
             "use the mask layer painted on this image",
         )
+    rgb = bool(image_stack.rgb) if hasattr(image_stack, "rgb") else None
     idx = list(range(n)) if indices is None else [int(i) for i in indices]
     if not idx:
         raise InputError("No slices selected for training", "paint or pick at least one slice")
@@ -129,13 +133,16 @@ def samples_from_slices(
             raise InputError(f"Slice {i} is outside the stack (0..{n - 1})", "pick existing slices")
         plane = image_stack.plane(i) if hasattr(image_stack, "plane") else np.asarray(stack[i])
         out.append((i, plane, masks[i]))
-    return samples_from_planes(out)
+    return samples_from_planes(out, rgb)
 
 
-def samples_from_planes(planes: Iterable[tuple[int, Any, Any]]) -> list[Sample]:
+def samples_from_planes(
+    planes: Iterable[tuple[int, Any, Any]], rgb: bool | None = None
+) -> list[Sample]:
     """Samples from ``(slice index, image plane, mask plane)`` triples, each copied — e.g. the
-    reviewed slices a widget snapshotted on the GUI thread, turned into samples in a worker."""
-    return [make_sample(np.array(img), np.array(m), source=f"slice {i}") for i, img, m in planes]
+    reviewed slices a widget snapshotted on the GUI thread, turned into samples in a worker;
+    ``rgb`` as in :class:`Sample`."""
+    return [make_sample(np.array(img), np.array(m), f"slice {i}", rgb=rgb) for i, img, m in planes]
 
 
 # --------------------------------------------------------------------------- the fixed split
@@ -295,9 +302,10 @@ def prepare_sample(
 
     ``diameter``: rescale image and mask so that the mask's median object (equivalent diameter
     of its connected components) is ``diameter`` px; images without objects keep their scale,
-    and the factor is limited to ``1/MAX_TRAIN_ZOOM``..``MAX_TRAIN_ZOOM``.
+    and the factor is limited to ``1/MAX_TRAIN_ZOOM``..``MAX_TRAIN_ZOOM``. The channels are
+    read with the sample's ``rgb`` flag, as prediction reads the stack's.
     """
-    img = prepare_image(sample.image, in_channels, norm, policy)
+    img = prepare_image(sample.image, in_channels, norm, policy, rgb=sample.rgb)
     m = sample.mask
     if diameter is not None:
         d = median_diameter(m)

@@ -38,7 +38,7 @@ def select_device(pref: str | torch.device = "auto") -> torch.device:
                 else "no CUDA GPU is visible (driver missing, or CUDA_VISIBLE_DEVICES hides it)"
             )
             raise InputError(
-                f"CUDA was requested but is not available: {why}, no CUDA GPU (torch {build})",
+                f"CUDA was requested but is not available: {why} (torch {build})",
                 "install a CUDA build of PyTorch (https://pytorch.org/get-started/locally/), "
                 "or use device 'auto' or 'cpu' (--device cpu on the command line)",
             )

@@ -38,7 +38,8 @@ class TrainProgress:
     val_loss: float | None = None
     val_dice: float | None = None
     message: str = ""
-    #: ``"step"`` for a training step, ``"epoch"`` after a validation pass
+    #: ``"step"`` after an optimiser step, ``"validate"`` while a validation pass (or the final
+    #: check against the base model) runs, ``"epoch"`` after an epoch's validation pass
     kind: str = "step"
 
     @property

@@ -62,7 +62,13 @@ __all__ = [
     "Stack",
     "file_stem",
     "image_files",
+    "image_stem_of_mask",
+    "is_mask_name",
     "list_pairs",
+    "mask_foreground",
+    "pair_masks",
+    "prediction_names",
+    "prob_files",
     "read_image",
     "read_mask",
     "read_stack",
@@ -81,6 +87,68 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 MASK_SUFFIXES = ("_mask", "_masks", "-mask", "_gt", "_labels")
 #: folders holding ground-truth masks, beside an image or beside its ``images/`` folder
 MASK_FOLDERS = ("masks", "labels")
+#: what ``bulbseg predict`` writes for image ``<stem>``: ``<stem>_prob.tif``, ``<stem>_mask.tif``
+PROB_SUFFIX = "_prob"
+PRED_MASK_SUFFIX = "_mask"
+#: name endings of a predicted mask (ours, or another tool's) after the image's stem
+PRED_SUFFIXES = ("_mask", "_pred", "_prediction")
+
+
+def is_mask_name(path: str | os.PathLike) -> bool:
+    """True for files named like a ground-truth mask (``*_mask.tif``, see ``MASK_SUFFIXES``)
+    or kept in a mask folder (``masks/``, ``labels/``)."""
+    path = Path(path)
+    stem = file_stem(path).lower()
+    return stem.endswith(MASK_SUFFIXES) or path.parent.name.lower() in MASK_FOLDERS
+
+
+def image_stem_of_mask(path: str | os.PathLike) -> str:
+    """The stem of the image a mask file belongs to: its stem without one ground-truth
+    (``MASK_SUFFIXES``) or prediction (``PRED_SUFFIXES``) ending — ``x_gt.tif`` and
+    ``x_mask.tif`` both give ``x``; a name without such an ending is kept."""
+    stem = file_stem(Path(path))
+    for suf in sorted(set(MASK_SUFFIXES) | set(PRED_SUFFIXES), key=len, reverse=True):
+        if stem.lower().endswith(suf) and len(stem) > len(suf):
+            return stem[: -len(suf)]
+    return stem
+
+
+def pair_masks(
+    preds: Sequence[Path], truths: Sequence[Path]
+) -> tuple[list[tuple[str, Path, Path]], list[Path]]:
+    """Pair predicted masks with ground-truth masks by name: ``(name, truth, pred)`` triples in
+    natural order, and the truths without a prediction.
+
+    Exact stems match first; then the stems without a mask ending (:func:`image_stem_of_mask`),
+    so ``x_mask.tif`` (predicted) pairs with ``x.tif``, ``x_gt.tif`` or ``x_mask.tif`` (truth).
+    """
+    by_key: dict[str, Path] = {}
+    for p in preds:
+        by_key.setdefault(file_stem(p), p)
+    for p in preds:
+        by_key.setdefault(image_stem_of_mask(p), p)
+    pairs, missing = [], []
+    for t in truths:
+        keys = (file_stem(t), image_stem_of_mask(t))
+        match = next((by_key[k] for k in keys if k in by_key), None)
+        if match is None:
+            missing.append(t)
+        else:
+            pairs.append((image_stem_of_mask(t), t, match))
+    pairs.sort(key=lambda x: _natural_key(x[0]))
+    return pairs, missing
+
+
+def prediction_names(path: str | os.PathLike, write_prob: bool = True) -> list[str]:
+    """The files ``bulbseg predict`` writes for image ``path``: probabilities, then the mask."""
+    stem = file_stem(Path(path))
+    mask = f"{stem}{PRED_MASK_SUFFIX}.tif"
+    return [f"{stem}{PROB_SUFFIX}.tif", mask] if write_prob else [mask]
+
+
+def prob_files(folder: str | os.PathLike) -> list[Path]:
+    """The probability maps ``bulbseg predict`` wrote into ``folder`` (``*_prob.tif``)."""
+    return sorted(Path(folder).glob(f"*{PROB_SUFFIX}.tif"), key=lambda p: _natural_key(p.name))
 
 
 def mask_partner_candidates(
@@ -994,6 +1062,11 @@ def read_stack(path: str | os.PathLike, lazy: bool | None = None) -> Stack:
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """One 2D image as ``(Y, X)`` or ``(Y, X, C)`` (for dataset pairs); InputError for stacks."""
+    return read_image_rgb(path)[0]
+
+
+def read_image_rgb(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
+    """:func:`read_image` and whether its channel axis is colour (``Stack.rgb``)."""
     p = Path(path)
     if p.is_dir():
         raise InputError(f"{p} is a folder, not an image", "pass one image file")
@@ -1003,38 +1076,62 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             f"{p} holds {stack.n_slices} slices (axes {stack.source_axes}), expected one 2D image",
             "use read_stack for stacks, or save one slice per file",
         )
-    return np.asarray(stack.data[0])
+    return np.asarray(stack.data[0]), bool(stack.rgb)
+
+
+def mask_foreground(values: Any, what: str = "mask", labels: bool = False) -> np.ndarray:
+    """The one rule for what a mask may hold; returns its foreground as a bool array.
+
+    - ``bool``: as it is.
+    - numbers: 0 is background, and the other values allowed are 1 and 255 (0/1 and 0/255 masks
+      both work). Float masks holding anything else (fractions, NaN) look like probabilities and
+      are refused; with ``labels=True`` integer masks may hold instance labels (any non-zero
+      label is foreground), otherwise they are refused too.
+    - anything else (strings, objects): refused.
+
+    Mask files and training masks follow it with ``labels=False`` (:func:`to_binary_mask`,
+    :func:`read_mask`); arrays given to metrics and post-processing, where a Labels layer may
+    hold instance labels, with ``labels=True`` (``postprocess.as_bool_mask``). InputError names
+    ``what`` (e.g. ``"The prediction"`` or a file path), the values found, and what to do.
+    """
+    arr = np.asarray(values)
+    if arr.dtype == bool:
+        return arr
+    if arr.dtype.kind not in "uif":
+        raise InputError(
+            f"{what} has type {arr.dtype}, not a number type",
+            "use a uint8 mask with 0 for background and 1 (or 255) for foreground",
+        )
+    fg = arr != 0
+    if arr.dtype.kind != "f" and labels:
+        return fg
+    if arr.dtype == np.uint8:
+        ok = not np.any(np.bincount(arr.ravel(), minlength=256)[2:255])
+    else:
+        ok = not np.any(fg & (arr != 1) & (arr != 255))  # NaN is unequal to all: not ok
+    if ok:
+        return fg
+    present = np.unique(arr)
+    shown = ", ".join(f"{v:g}" for v in present[:6]) + (", …" if len(present) > 6 else "")
+    found = f"it holds {len(present)} distinct values ({shown}; dtype {arr.dtype})"
+    if arr.dtype.kind == "f":
+        raise InputError(
+            f"{what} is not a binary mask: {found}; it looks like probabilities, not a mask",
+            "threshold probabilities first (e.g. prob >= 0.5) and pass or save the binary mask",
+        )
+    raise InputError(
+        f"{what} is not a binary mask: {found}",
+        "pass a binary mask (0/1 or 0/255); for instance labels use labels > 0",
+    )
 
 
 def to_binary_mask(values: Any, what: str = "mask") -> np.ndarray:
     """Validate a mask and return it as uint8 ``{0, 1}`` (same shape).
 
-    Accepted: bool, or values within ``{0, 1}``, ``{0, 255}`` or ``{0, 1, 255}`` (any dtype
-    holding exactly those values); any nonzero becomes 1. Anything else raises InputError.
+    The rule of :func:`mask_foreground` with ``labels=False``: bool, or numbers holding only
+    0, 1 and 255; any nonzero becomes 1. Anything else raises InputError.
     """
-    arr = np.asarray(values)
-    if arr.dtype == bool:
-        return arr.astype(np.uint8)
-    if arr.dtype.kind not in "uif":
-        raise InputError(f"{what} has unsupported type {arr.dtype}", "pass a binary mask")
-    if arr.dtype == np.uint8:
-        counts = np.bincount(arr.ravel(), minlength=256)
-        present = np.flatnonzero(counts)
-    else:
-        present = np.unique(arr)
-    allowed = {0, 1, 255}
-    if not all(float(v) in allowed for v in present):
-        shown = ", ".join(f"{v:g}" for v in present[:6]) + (", …" if len(present) > 6 else "")
-        if arr.dtype.kind == "f":
-            hint = "threshold probabilities first (e.g. prob > 0.5) and save a binary mask"
-        else:
-            hint = "pass a binary mask (0/1 or 0/255); for instance labels use labels > 0"
-        raise InputError(
-            f"{what} is not a binary mask: it holds {len(present)} distinct values "
-            f"({shown}; dtype {arr.dtype})",
-            hint,
-        )
-    return (arr != 0).astype(np.uint8)
+    return mask_foreground(values, what).astype(np.uint8)
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
-
-LOSS_NAMES = ("bce", "focal", "dice", "focal+dice", "bce+dice")
+from .options import LOSS_NAMES
 
 
 def _masked_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:

@@ -216,10 +216,9 @@ class StackMetrics:
     summary: SliceMetrics
     mean: MeanMetrics
     slices: list[int]
-    match_iou: float = 0.5
 
     @classmethod
-    def from_slices(cls, per_slice: Sequence[SliceMetrics], match_iou: float = 0.5) -> StackMetrics:
+    def from_slices(cls, per_slice: Sequence[SliceMetrics]) -> StackMetrics:
         """Pool and average already computed slice metrics (e.g. images of different sizes)."""
         per_slice = list(per_slice)
         if not per_slice:
@@ -229,7 +228,6 @@ class StackMetrics:
             summary=_pooled(per_slice),
             mean=_mean(per_slice),
             slices=[m.index for m in per_slice],
-            match_iou=float(match_iou),
         )
 
 
@@ -391,7 +389,7 @@ def stack_metrics(
     if not chosen:
         raise InputError("No slices to evaluate", "choose at least one slice")
     per_slice = [slice_metrics(truth[z], pred[z], index=z, match_iou=thr) for z in chosen]
-    return StackMetrics.from_slices(per_slice, match_iou=thr)
+    return StackMetrics.from_slices(per_slice)
 
 
 def _check_index(z: Any, n_z: int) -> int:

@@ -12,6 +12,7 @@ any mismatch is a :class:`~napari_bulbseg.errors.ModelError` that says what to d
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import hashlib
 import json
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .atomic import fsync_dir
+from .atomic import current_umask, fsync_dir
 from .errors import ModelError
 from .normalize import Normalization
 
@@ -323,7 +324,7 @@ def _check_card_postprocess(card: ModelCard, source: str) -> None:
     from .postprocess import PostProcess
 
     try:
-        PostProcess.from_dict({**card.postprocess, "threshold": card.threshold})
+        PostProcess.from_card(card)
     except (InputError, TypeError) as e:
         raise ModelError(
             f"{source} has invalid post-processing defaults {card.postprocess!r} ({e})",
@@ -380,6 +381,8 @@ def save_model(
     The folder is first written under a temporary name beside it and renamed into place only
     when complete, so a crash or full disk never leaves a half-written model. An existing
     ``directory`` is never overwritten. ``dtype="float16"`` halves the file size.
+    ``card`` is not changed: the written card is a copy completed with the architecture and
+    the weights' hash (``read_card(directory)`` returns it).
     """
     from safetensors.torch import save as st_save
 
@@ -391,6 +394,7 @@ def save_model(
         )
     if dtype not in ("float32", "float16"):
         raise ModelError(f"Unsupported weight dtype {dtype!r}", "use float32 or float16")
+    card = copy.deepcopy(card)
     card.architecture = model.config.to_dict()
     tensors = {}
     for k, v in model.state_dict().items():
@@ -412,9 +416,7 @@ def save_model(
         _fsync_write(tmp / CARD_NAME, card.to_json().encode("utf-8"))
         fsync_dir(tmp)
         # mkdtemp makes the folder private (0700); give it the permissions of a normal folder
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        os.chmod(tmp, 0o777 & ~current_umask())
         try:
             os.replace(tmp, directory)
         except OSError as e:

@@ -1,4 +1,5 @@
-"""Prediction defaults, written once and importable without torch (the widgets read them).
+"""Prediction defaults and option names, written once and importable without torch (the
+widgets read them).
 
 The values are measured (docs/benchmarks.md): the U-Net's receptive field reaches ~46 px, so
 tiles overlapping by 96 px with 48 px trimmed from interior edges give the whole-image result to
@@ -13,3 +14,6 @@ DEFAULT_TILE = 1280
 DEFAULT_OVERLAP = 96
 #: tiles per forward pass
 DEFAULT_BATCH_SIZE = 4
+
+#: the training losses ``losses.make_loss`` builds (the command line's ``--loss`` lists them)
+LOSS_NAMES = ("bce", "focal", "dice", "focal+dice", "bce+dice")

@@ -20,13 +20,21 @@ from typing import Any
 
 from .atomic import atomic_write
 from .errors import InputError
-from .io import IMAGE_SUFFIXES, file_stem, mask_partner_folders
+from .io import (
+    IMAGE_SUFFIXES,
+    PRED_MASK_SUFFIX,
+    PROB_SUFFIX,
+    file_stem,
+    mask_partner_folders,
+    prediction_names,
+)
 
 MANIFEST = ".bulbseg-outputs.json"
 #: temp files of :func:`atomic.atomic_write` for the outputs of predict and demo (only these
 #: are ever removed: a user's own hidden files never are)
 _OUR_TEMP = re.compile(
-    r"^\.(.+_(mask|prob)\.tif|\.bulbseg-outputs\.json|probabilities\.tif|mask\.tif"
+    rf"^\.(.+({re.escape(PRED_MASK_SUFFIX)}|{re.escape(PROB_SUFFIX)})\.tif"
+    r"|\.bulbseg-outputs\.json|probabilities\.tif|mask\.tif"
     r"|metrics\.csv|overview\.png)\.[A-Za-z0-9_]{8}\.tmp$"
 )
 _FORMAT = 1
@@ -127,7 +135,8 @@ class OutputFolder:
             if any(p.is_file() for p in beside):
                 raise InputError(
                     f"The output folder {self.path} holds an image named {stem}: the predicted "
-                    f"{stem}_mask.tif would be read back as that image's ground truth",
+                    f"{prediction_names(image, False)[0]} would be read back as that image's "
+                    "ground truth",
                     "choose an output folder apart from the images, e.g. -o predictions/",
                 )
 

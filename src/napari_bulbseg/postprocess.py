@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import InputError
+from .io import mask_foreground
 
 __all__ = [
     "DIFF_COLORS",
@@ -142,6 +143,20 @@ class PostProcess:
             )
         return cls(**d)
 
+    @classmethod
+    def from_card(cls, card: Any, **overrides: Any) -> PostProcess:
+        """The post-processing a model card recommends, with ``overrides`` on top.
+
+        The card's ``postprocess`` defaults with its ``threshold`` (which wins over a
+        ``threshold`` key inside ``postprocess``); then each override that is not ``None``
+        (``None`` = not given, e.g. an unset command-line option). InputError for an invalid
+        value or an unknown setting.
+        """
+        d = {k: v for k, v in dict(card.postprocess or {}).items() if k != "threshold"}
+        d["threshold"] = card.threshold
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(d)
+
 
 def _check_prob_dtype(dtype: np.dtype) -> None:
     if dtype not in (np.float16, np.float32, np.float64, np.uint8):
@@ -193,31 +208,10 @@ def threshold_prob(prob: Any, threshold: float) -> np.ndarray:
 
 
 def as_bool_mask(mask: Any, name: str = "mask") -> np.ndarray:
-    """A mask as a boolean array: any non-zero value is foreground (so 0/1 and 0/255 both work).
-
-    Integer arrays may hold instance labels (label > 0 is foreground). Float arrays must hold
-    only 0, 1 or 255: fractional values mean probabilities were passed where a mask belongs,
-    and NaN is no answer at all; both raise :class:`InputError` rather than count as foreground.
-    """
-    arr = np.asarray(mask)
-    if arr.dtype == bool:
-        return arr
-    if arr.dtype.kind not in "uif":
-        raise InputError(
-            f"The {name} has type {arr.dtype}, not a number type",
-            "use a uint8 mask with 0 for background and 1 (or 255) for foreground",
-        )
-    fg = arr != 0
-    if arr.dtype.kind == "f":
-        odd = fg & (arr != 1) & (arr != 255)  # NaN compares unequal to everything: odd too
-        if odd.any():
-            example = arr[odd].flat[0]
-            raise InputError(
-                f"The {name} is a float array holding values other than 0, 1 and 255 "
-                f"(e.g. {example:g}): it looks like probabilities, not a mask",
-                "threshold it first (e.g. postprocess_slice or prob >= 0.5) and pass the mask",
-            )
-    return fg
+    """A mask as a boolean array, by the one mask rule (:func:`napari_bulbseg.io.mask_foreground`)
+    with instance labels allowed: 0/1, 0/255 and integer labels (label > 0 is foreground) work;
+    float arrays holding fractions or NaN (probabilities) and non-numbers raise InputError."""
+    return mask_foreground(mask, f"The {name}", labels=True)
 
 
 def _check_2d(arr: np.ndarray, name: str) -> None:

@@ -17,6 +17,7 @@ leaves no half-written version; folders that are damaged anyway are listed as br
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -46,6 +47,10 @@ ENV_HOME = "NAPARI_BULBSEG_HOME"
 BUNDLED = "bundled"
 CURRENT_FILE = "current.json"
 _ID_RE = re.compile(r"^v(\d{3,})$")
+#: what a registry name looks like (anything else is taken as a path)
+_SPEC_RE = re.compile(r"^(v\d{3,}|current|bundled(:[0-9a-f]*)?)$")
+#: file names that mean a model path even when the file does not exist
+_MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".pt", ".pth")
 _REF_LEN = 12
 
 
@@ -247,11 +252,12 @@ class Registry:
     ) -> str:
         """Write ``model`` + ``card`` as the next version (atomically); return its id.
 
-        ``card.version`` is set to the new id. With ``make_current`` the pointer moves to it
-        after the folder is complete.
+        The saved card is a copy of ``card`` whose ``version`` is the new id (``card`` itself is
+        not changed). With ``make_current`` the pointer moves to it after the folder is complete.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temp()
+        card = copy.deepcopy(card)
         for _ in range(100):  # another process may take the same id: try the next one
             vid = self._next_id()
             if (self.root / vid).exists() or (self.root / vid).is_symlink():
@@ -276,9 +282,49 @@ class Registry:
                 if p.is_dir() and now - p.stat().st_mtime > older_than_s:
                     shutil.rmtree(p, ignore_errors=True)
 
-    def load(self, version_id: str = "current", device: str | torch.device = "cpu") -> LoadedModel:
-        """Load a version by id, ``"current"``, ``"bundled"`` or ``"bundled:<sha prefix>"``."""
-        vid = self._resolve(version_id)
+    def resolve(self, spec: str | os.PathLike) -> Path:
+        """The model folder that ``spec`` names — the one rule for every way to name a model.
+
+        ``spec`` is ``"bundled"`` (or ``"default"``), ``"bundled:<sha prefix>"`` (checked against
+        the shipped model), ``"current"``, a version id such as ``"v002"``, or a model folder
+        (or its ``model.json``). A registry name that is also a different folder here is refused
+        as ambiguous (``./v002`` names the folder). ModelError when ``spec`` names no model; the
+        folder's contents are checked on loading.
+        """
+        text = os.fspath(spec).strip() if isinstance(spec, (str, os.PathLike)) else ""
+        if not text:
+            raise ModelError(
+                f"No model named {spec!r}", "give a model folder, a version id, or 'bundled'"
+            )
+        if text in (BUNDLED, "default"):
+            return bundled_model_dir()
+        p = Path(text)
+        if _SPEC_RE.match(text):
+            try:
+                found = self._version_path(text)
+            except ModelError:
+                if p.exists():
+                    return p
+                raise
+            if p.exists() and not _same_path(p, found):
+                raise ModelError(
+                    f"{text!r} names both the folder {p.resolve()} and the registry's model "
+                    f"{found}",
+                    f"write ./{text} for the folder, or run from another folder",
+                )
+            return found
+        looks_like_path = os.sep in text or bool(os.altsep and os.altsep in text)
+        if p.exists() or looks_like_path or text.lower().endswith(_MODEL_FILE_SUFFIXES):
+            return p  # load_model explains what is wrong with it (missing, a pickle, ...)
+        raise ModelError(
+            f"No model at {text}: no such folder, and not a version id",
+            "give a model folder (model.json + weights.safetensors), a version id such as "
+            "v002, 'current' or 'bundled'",
+        )
+
+    def _version_path(self, spec: str) -> Path:
+        """The folder of a registry name (``current``, ``v002``, ``bundled:<sha prefix>``)."""
+        vid = self._resolve(spec)
         if vid.startswith(BUNDLED + ":"):
             want = vid.split(":", 1)[1]
             have = bundled_ref().split(":", 1)[1]
@@ -289,15 +335,14 @@ class Registry:
                     "use 'bundled' for the current default, or install the version that had it",
                 )
         path = self.path_of(vid)
-        if vid != BUNDLED and not vid.startswith(BUNDLED) and not path.is_dir():
+        if not vid.startswith(BUNDLED) and not path.is_dir():
             raise ModelError(f"No model version {vid} in {self.root}", "list the versions")
-        return load_model(path, device=device)
+        return path
 
-    def load_version(
-        self, version_id: str = "current", device: str | torch.device = "cpu"
-    ) -> LoadedModel:
-        """Same as :meth:`load` (the name in the architecture table)."""
-        return self.load(version_id, device)
+    def load(self, version_id: str = "current", device: str | torch.device = "cpu") -> LoadedModel:
+        """Load a registry model: a version id, ``"current"``, ``"bundled"`` or
+        ``"bundled:<sha prefix>"`` — never a path (:meth:`resolve` takes folders too)."""
+        return load_model(self._version_path(version_id), device=device)
 
     # ------------------------------------------------------------------ current / rollback
 

@@ -35,7 +35,13 @@ def _fmt(d: float | None) -> str:
 
 
 def finetune_job(
-    config: Any, planes: list, base: Any, registry: Any, cancel: threading.Event, budget: str
+    config: Any,
+    planes: list,
+    base: Any,
+    registry: Any,
+    cancel: threading.Event,
+    budget: str,
+    rgb: bool | None = None,
 ) -> Generator[Any, None, Any]:
     """Worker body: samples from the snapshotted ``(z, image, mask)`` planes (hashing them takes
     a while on big slices), the split training will use — said first, as a sentence — then
@@ -45,7 +51,7 @@ def finetune_job(
     from ..errors import InputError
     from ..training import iter_train, planned_split
 
-    samples = samples_from_planes(planes)
+    samples = samples_from_planes(planes, rgb)
     (train, val, _), _ = planned_split(config, samples, base, registry)
     if not train or not val:  # the engine's rule: one slice trains, another validates
         raise InputError(T.LBL_ONE_REVIEWED, "")
@@ -178,7 +184,9 @@ class FinetuneWidget(Container):
         self.repredict_btn.enabled = False
         self._set_running(True)
         self._worker = start_job(
-            finetune_job(config, planes, s.loaded, registry, self._cancel, budget),
+            finetune_job(
+                config, planes, s.loaded, registry, self._cancel, budget, bool(s.image_layer.rgb)
+            ),
             on_yield=self._on_progress,
             on_done=self._done,
             on_error=self._failed,
