@@ -186,4 +186,5 @@ def test_a_better_fine_tune_is_made_current(tmp_path):
     compared = result.card.metrics["val"]["compared"]
     assert compared["new_dice"] > compared["base_dice"] + 0.05
     assert result.made_current and reg.current() == result.version_id == "v002"
+    assert result.card.version == "v002" and result.card.weights.get("sha256")  # the saved card
     assert result.verdict == "" and result.card.training["accepted"]["current"] is True

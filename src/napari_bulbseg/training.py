@@ -53,7 +53,15 @@ from .metrics import (
     pooled_pixel_metrics,
     threshold_sweep,
 )
-from .model import LoadedModel, ModelCard, UNet, UNetConfig, adapt_input_channels, save_model
+from .model import (
+    LoadedModel,
+    ModelCard,
+    UNet,
+    UNetConfig,
+    adapt_input_channels,
+    read_card,
+    save_model,
+)
 from .model import software_versions as _software_versions
 from .normalize import Normalization, prepare_image
 
@@ -742,6 +750,8 @@ class TrainRun:
             path = save_model(self.output_dir, self.model, card, dtype=dtype)
             if not accepted:
                 verdict = f"warning: {reason}"
+        if path is not None:  # the saved card: its version id and weights hash filled in
+            card = read_card(path)
         return TrainResult(
             self.model, card, path, version_id, self.history, self.stop_reason, self.best_epoch,
             current, verdict,

@@ -15,7 +15,7 @@ from typing import Any
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils.notifications import show_error
 
-from ..errors import BulbsegError, CancelledError
+from ..errors import BulbsegError, CancelledError, log_failure
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def _guarded(gen: Generator[Any, Any, Any]) -> Generator[Any, Any, Any]:
     try:
         result = yield from gen
     except Exception as e:  # reported to the user by start_job, never as a traceback
-        log.debug("job failed", exc_info=True)
+        log_failure(log, e)
         return Failed(e)
     return result
 

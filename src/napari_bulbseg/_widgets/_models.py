@@ -65,8 +65,11 @@ def load_choice(choice: ModelChoice, folder: str | Path | None, device: Any) -> 
     """Load the chosen model onto ``device``; returns ``(LoadedModel, label)``."""
     from ..model import load_model
 
+    registry = get_registry()
     if choice.kind in (VERSION, BUNDLED):
-        loaded = get_registry().load(choice.version, device=device)
-        return loaded, ("bundled" if choice.kind == BUNDLED else choice.version)
-    path = chosen_folder(choice, folder)
+        path = registry.resolve(choice.version)
+        return load_model(path, device=device), (
+            "bundled" if choice.kind == BUNDLED else choice.version
+        )
+    path = chosen_folder(choice, folder)  # a folder the user picked: never read as a version id
     return load_model(path, device=device), path.name

@@ -143,14 +143,14 @@ class Session:
         if self.loaded is None:
             return PostProcess()
         card = self.loaded.card
-        pp = {k: v for k, v in (card.postprocess or {}).items() if k != "threshold"}
         try:
-            return PostProcess.from_dict({"threshold": float(card.threshold), **pp})
-        except Exception:
+            return PostProcess.from_card(card)
+        except Exception:  # a card's odd rules never block the session: its threshold only
             return PostProcess(threshold=float(card.threshold))
 
     def set_model(self, loaded: Any, label: str, version: str | None = None) -> None:
-        """Make ``loaded`` the session's model; the threshold defaults to its card's."""
+        """Make ``loaded`` the session's model (``label`` shown in the panels, ``version`` its
+        registry id or None) and emit ``model_changed``."""
         self.loaded, self.model_label, self.model_version = loaded, label, version
         self.events.model_changed.emit()
 
