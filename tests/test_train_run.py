@@ -106,12 +106,12 @@ def test_pooled_pixel_metrics_pools_counts_not_ratios():
     assert m["precision"] == pytest.approx(0.5) and m["recall"] == pytest.approx(0.5)
 
 
-def _fine_tune_run(registry, best_state_of):
+def _fine_tune_run(registry, best_state_of, n_val=3):
     """A fine-tuning run from ``registry``'s v001 driven step by step, whose kept weights are
     replaced by ``best_state_of(run)`` before the end: the verdict is then known in advance."""
     base = registry.load("v001")
     cfg = tiny(require_improvement=True)
-    run = TrainRun(cfg, discs(6, seed=21), val_samples=discs(3, seed=22), base=base,
+    run = TrainRun(cfg, discs(6, seed=21), val_samples=discs(n_val, seed=22), base=base,
                    registry=registry)  # fmt: skip
     run.check_inputs()
     run.setup()
@@ -188,3 +188,24 @@ def test_a_better_fine_tune_is_made_current(tmp_path):
     assert result.made_current and reg.current() == result.version_id == "v002"
     assert result.card.version == "v002" and result.card.weights.get("sha256")  # the saved card
     assert result.verdict == "" and result.card.training["accepted"]["current"] is True
+
+
+def test_on_one_or_two_held_out_slices_a_tie_is_used_with_a_note(tmp_path):
+    from napari_bulbseg.registry import Registry
+    from napari_bulbseg.training import train
+
+    reg = Registry(tmp_path / "models")
+    train(tiny(epochs=3, steps_per_epoch=15), discs(8, seed=1), registry=reg)
+    base_state = {k: v.clone() for k, v in reg.load("v001").model.state_dict().items()}
+    same = _fine_tune_run(reg, lambda run: {k: v.clone() for k, v in base_state.items()}, n_val=2)
+    assert same.made_current and reg.current() == same.version_id  # a tie on weak evidence
+    assert "only 2 held-out slice(s)" in same.verdict and same.card.training["accepted"]["current"]
+
+    def fresh(run):  # clearly worse, even on two slices: not used
+        torch.manual_seed(123)
+        return UNet(run.model.config).state_dict()
+
+    worse = _fine_tune_run(reg, fresh, n_val=2)
+    compared = worse.card.metrics["val"]["compared"]
+    assert compared["new_dice"] < compared["base_dice"] - 0.05
+    assert not worse.made_current and reg.current() == same.version_id

@@ -75,6 +75,9 @@ CHANNEL_MODES = ("adapt", "convert")
 MIN_VAL_IMAGES_FOR_SELECTION = 3
 #: below this validation Dice (on slices that hold objects) a new model is never made current
 MIN_USEFUL_DICE = 0.05
+#: with too few validation slices to choose on, a fine-tuned model is used unless it is worse
+#: than its base by more than this Dice (measured: docs/hitl.md, "acceptance rule")
+FEW_VAL_MARGIN = 0.05
 
 
 @dataclass
@@ -214,7 +217,8 @@ class TrainResult:
     best_epoch: int
     #: whether the registry's current pointer moved to this version (see :meth:`TrainRun.judge`)
     made_current: bool = False
-    #: why it was not made current ("" when it was, or when there is no registry)
+    #: what the comparison with the base said when it matters: why the version was not made
+    #: current, or that it was on weak evidence ("" otherwise)
     verdict: str = ""
 
     @property
@@ -688,8 +692,11 @@ class TrainRun:
         Both models are scored the same way (:func:`evaluate_model`, whole slices, each at its
         own card's threshold) on the validation slices. A model that finds next to nothing
         where the slices hold objects (Dice below :data:`MIN_USEFUL_DICE`) is never made
-        current; a fine-tuned one is made current only when it beats its base there. Either
-        way the version is saved, so the user can still choose it.
+        current; a fine-tuned one is made current only when it beats its base there — or, with
+        fewer than :data:`MIN_VAL_IMAGES_FOR_SELECTION` validation slices (one or two: a
+        comparison on them is mostly noise, and an empty slice ties every model), when it is not
+        clearly worse (by more than :data:`FEW_VAL_MARGIN` Dice), with a note saying the
+        comparison was weak. Either way the version is saved, so the user can still choose it.
         """
         has_fg = any(s.mask.any() for s in self.val_s)
         new = evaluate_model(LoadedModel(self.model, card, device=self.device), self.val_s)
@@ -705,11 +712,19 @@ class TrainRun:
                 f"{len(self.val_s)} held-out slice(s)"
             )
         elif base_dice is not None and not _beats(new, base_dice, base_err):
-            accepted = False
-            reason = (
-                f"it does not beat its base on the {len(self.val_s)} held-out slice(s) "
-                f"(Dice {new['dice']:.3f} vs {base_dice:.3f})"
-            )
+            n = len(self.val_s)
+            if n < MIN_VAL_IMAGES_FOR_SELECTION and new["dice"] >= base_dice - FEW_VAL_MARGIN:
+                reason = (
+                    f"compared on only {n} held-out slice(s) it is not clearly better or worse "
+                    f"(Dice {new['dice']:.3f} vs {base_dice:.3f}), so it is used; review more "
+                    "slices for a firmer comparison"
+                )
+            else:
+                accepted = False
+                reason = (
+                    f"it does not beat its base on the {n} held-out slice(s) "
+                    f"(Dice {new['dice']:.3f} vs {base_dice:.3f})"
+                )
         card.metrics["val"]["compared"] = {
             "new_dice": new["dice"],
             "base_dice": base_dice,
@@ -746,6 +761,8 @@ class TrainRun:
                 )
             elif not accepted:
                 verdict = f"warning: {version_id} was made current although {reason}"
+            elif reason:
+                verdict = f"{version_id} is current: {reason}"
         elif self.output_dir is not None:
             path = save_model(self.output_dir, self.model, card, dtype=dtype)
             if not accepted:

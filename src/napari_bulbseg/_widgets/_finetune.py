@@ -226,6 +226,8 @@ class FinetuneWidget(Container):
             self.result_lbl.value = msg
             show_warning(msg)
             return
+        if result.verdict:  # e.g. a comparison on one or two held-out slices only
+            msg = f"{msg}\n{result.verdict}"
         self.result_lbl.value = msg
         show_info(msg)
         device = getattr(s.loaded, "device", "cpu")
