@@ -166,3 +166,49 @@ def test_saved_when_today_yesterday_and_zones():
     utc = dt.datetime(2026, 12, 4, 12, 0, tzinfo=dt.timezone.utc)
     local = utc.astimezone().replace(tzinfo=None)
     assert saved_when(utc.isoformat(), now).endswith(f"{local:%H:%M}")
+
+
+# --------------------------------------------------------------------------- object size
+
+
+def _scaled_model(tmp_path, diameter=20.0):
+    import torch
+
+    from napari_bulbseg.model import ModelCard, UNet, UNetConfig, save_model
+
+    torch.manual_seed(0)
+    return save_model(
+        tmp_path / "scaled", UNet(UNetConfig(1, 1, 8, 3)), ModelCard(name="s", diameter=diameter)
+    )
+
+
+def test_object_size_field_rescales_inside_and_says_so(
+    make_napari_viewer, qtbot, tmp_path, bulbseg_home
+):
+    from napari_bulbseg._widgets._session import get_session
+    from napari_bulbseg.inference import PredictOptions, predict
+    from napari_bulbseg.model import load_model
+
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, tmp_path, n=3, shape=(70, 61))  # odd sizes on purpose
+    seg = open_dock(viewer, "Segment")
+    s = get_session(viewer)
+    model_dir = _scaled_model(tmp_path)
+    _folder_model(seg, model_dir)
+    seg.diameter.value = "40"  # objects twice the trained 20 px: the U-Net sees a 0.5× image
+    seg.run_btn.native.click()
+    qtbot.waitUntil(lambda: not seg.running and s.done is not None and s.done.all(), timeout=30000)
+    assert s.prob.shape == image.data.shape  # back at the image's exact size
+    assert "40" in seg.status.value  # the scale used is said
+    assert s.pred_layer.metadata["bulbseg_diameter_px"] == 40.0
+    assert s.pred_layer.metadata["bulbseg_zoom"] == pytest.approx(0.5)
+    # the same as the engine's own rescaled prediction (one job, every slice)
+    want = predict(load_model(model_dir), np.asarray(image.data),
+                   PredictOptions(tile=64, overlap=8, device="cpu"), diameter=40.0)  # fmt: skip
+    np.testing.assert_allclose(s.prob.astype(np.float32), want, atol=2e-3)
+
+    # a bad value: the engine's one-line message, nothing predicted
+    seg.diameter.value = "abc"
+    seg.run_btn.native.click()
+    qtbot.waitUntil(lambda: not seg.running, timeout=30000)
+    assert "not a number" in seg.status.value

@@ -18,6 +18,8 @@ class Progress:
     message: str = ""
     #: index of the slice a prediction event refers to (``-1`` when not slice-specific)
     slice_index: int = -1
+    #: slices whose probabilities became final with this event (prediction; in order)
+    finished: tuple[int, ...] = ()
 
     @property
     def fraction(self) -> float:

@@ -566,7 +566,7 @@ def _run(
             tile_no = per_slice - live[z_last].remaining
             msg = f"Slice {z_last}: {tile_no}/{per_slice} tiles"
         notes = " — ".join(n for n in (note, engine.take_notes()) if n)
-        yield Progress(done, total, f"{notes} — {msg}" if notes else msg, z_last)
+        yield Progress(done, total, f"{notes} — {msg}" if notes else msg, z_last, tuple(finished))
 
 
 # --------------------------------------------------------------------------- object scale

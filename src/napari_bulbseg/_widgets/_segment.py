@@ -13,6 +13,7 @@ from magicgui.widgets import (
     ComboBox,
     Container,
     FileEdit,
+    LineEdit,
     ProgressBar,
     PushButton,
     SpinBox,
@@ -43,17 +44,25 @@ def _load_job(choice: ModelChoice, folder: Any, device: str) -> Generator[None, 
 
 
 def _predict_job(
-    loaded: Any, stack: Any, options: dict[str, Any], prob: np.ndarray, order: list[int]
-) -> Generator[tuple[str, int, int, float], None, int]:
-    """Predict ``order``'s slices one by one into ``prob``; yield ("tick"|"slice", k, z, frac)."""
+    loaded: Any,
+    stack: Any,
+    options: dict[str, Any],
+    prob: np.ndarray,
+    order: list[int],
+    diameter: float | str | None = None,
+) -> Generator[Any, None, tuple[int, Any]]:
+    """One engine job for the whole stack, slices in ``order`` (batched across slices); yields
+    its Progress events (``finished`` names the slices that are done) and returns
+    ``(n_slices, Scale)`` — the object scale used, for the user and the layers' metadata."""
     from ..inference import PredictOptions, iter_predict
 
-    options = PredictOptions(**options)
-    for k, z in enumerate(order):
-        for ev in iter_predict(loaded, stack, options, out=prob, slices=[z]):
-            yield "tick", k, z, float(ev.fraction)
-        yield "slice", k, z, 1.0
-    return len(order)
+    scales: list[Any] = []
+    gen = iter_predict(
+        loaded, stack, PredictOptions(**options), out=prob, slices=order, diameter=diameter,
+        on_scale=scales.append,
+    )  # fmt: skip
+    yield from gen
+    return len(order), (scales[0] if scales else None)
 
 
 def _warm_up() -> None:
@@ -92,6 +101,7 @@ class SegmentWidget(Container):
         self.overlap = SpinBox(label="Overlap (px)", value=DEFAULT_OVERLAP, min=0, max=1024, step=8)
         self.overlap.tooltip = T.TIP_OVERLAP
         self.tta = CheckBox(text="Test-time augmentation", value=False, tooltip=T.TIP_TTA)
+        self.diameter = LineEdit(label="Object size (px)", value="", tooltip=T.TIP_DIAMETER)
         self.run_btn = PushButton(text=T.BTN_RUN)
         self.cancel_btn = PushButton(text=T.BTN_CANCEL, enabled=False)
         self.bar = ProgressBar(value=0, min=0, max=1000, visible=False, label="")
@@ -108,6 +118,7 @@ class SegmentWidget(Container):
                 self.tile,
                 self.overlap,
                 self.tta,
+                self.diameter,
                 self.run_btn,
                 self.cancel_btn,
                 self.bar,
@@ -234,25 +245,35 @@ class SegmentWidget(Container):
         self._t0, self._finished = time.perf_counter(), 0
         self.status.value = T.MSG_PREDICTING.format(z=z0)
         self._worker = start_job(
-            _predict_job(loaded, stack, self._options(), prob, order),
+            _predict_job(loaded, stack, self._options(), prob, order, self._diameter()),
             on_yield=self._on_event,
             on_done=self._done,
             on_error=self._failed,
             on_abort=self._aborted,
         )
-        self._worker._bulbseg_total = len(order)
 
-    def _on_event(self, ev: tuple[str, int, int, float]) -> None:
-        kind, k, z, frac = ev
-        total = getattr(self._worker, "_bulbseg_total", 1)
-        self.bar.value = int(1000 * (k + frac) / max(total, 1))
-        if kind == "slice":
-            self._finished = k + 1
+    def _diameter(self) -> str | None:
+        """The field's text: empty = the image's own scale, "auto", or pixels (the engine
+        checks it and says what is valid)."""
+        text = str(self.diameter.value or "").strip()
+        return text or None
+
+    def _on_event(self, ev: Any) -> None:
+        self.bar.value = int(1000 * ev.fraction)
+        for z in ev.finished:
+            self._finished += 1
             self._session.slice_predicted(z)
 
-    def _done(self, n: int) -> None:
+    def _done(self, res: tuple[int, Any]) -> None:
+        n, scale = res
         dt = time.perf_counter() - self._t0
         msg = T.MSG_PRED_DONE.format(n=n, model=self._session.model_label, s=dt)
+        if scale is not None and scale.diameter is not None:
+            msg = f"{msg} {scale.message}."
+            for layer in (self._session.prob_layer, self._session.pred_layer):
+                if layer is not None:  # saved with the layer: the scale its mask was made at
+                    layer.metadata["bulbseg_diameter_px"] = float(scale.diameter)
+                    layer.metadata["bulbseg_zoom"] = float(scale.zoom)
         self.status.value = msg
         show_info(msg)
         self._set_running(False)

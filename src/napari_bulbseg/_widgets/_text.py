@@ -29,6 +29,11 @@ BTN_RUN = "Segment stack"
 BTN_CANCEL = "Cancel"
 MSG_NO_IMAGE = "Choose an image layer first."
 MSG_NO_FOLDER = "Choose a model folder, or pick another model."
+TIP_DIAMETER = (
+    "Typical object diameter in pixels, or 'auto' to measure it: the image is rescaled "
+    "internally to the size the model was trained at (its card says which) and the mask comes "
+    "back at the image's size. Empty: predict at the image's own scale."
+)
 MSG_PREDICTING = "Predicting slice {z} first, then the rest of the stack…"
 MSG_KEPT_RULES = (
     "Kept your threshold {t:.2f} and object rules; this model suggests {card:.2f} "
