@@ -9,7 +9,11 @@ through the widgets as a user would, saving ``viewer.screenshot(canvas_only=Fals
      Review against the ground truth (on the slice with the most errors);
 4-5. the synthetic bulb sample, segmented by a small bulb model trained first on a *different*
      synthetic stack (about a minute on a laptop CPU; the bundled model knows nuclei, not
-     bulbs): corrections, then Fine-tune on the corrected slices.
+     bulbs): six slices corrected in the order the correct-next queue gives, then Fine-tune on
+     them, which re-predicts the stack with the new version (the next round's queue).
+
+All four docks are opened from Plugins ▸ napari-bulbseg in a 1920×1080 window, where they stack
+as tabs; each shot brings its tab to the front.
 
 Everything goes into a temporary NAPARI_BULBSEG_HOME, never into the user's data folder.
 """
@@ -213,25 +217,28 @@ def main() -> int:
     wait(qapp, lambda: not seg.running)
     wait(qapp, lambda: not s.busy)
 
-    # 4. corrections: start from the prediction, paint the truth into every slice, mark reviewed
+    # 4. corrections, following the correct-next queue: show the top slice, paint the truth
+    #    into it, "Reviewed → next to correct" — six times, as a user would
     rev = widgets["review"]
     show_only(docks, "review", viewer)
     corr = rev.start_corrections()
-    changed = [int((corr.data[z] != gt.data[z]).sum()) for z in range(gt.data.shape[0])]
-    for z in range(gt.data.shape[0]):
+    wait(qapp, lambda: not rev.queue.busy and rev.queue.count() > 0)
+    first_rank = [sc.index for sc in rev.queue.ranked()]
+    print("queue before corrections:", first_rank)
+    rev.goto_btn.native.click()
+    for _ in range(6):
+        z = s.displayed()
         idx = np.nonzero(corr.data[z] != gt.data[z])
         corr.data_setitem((np.full(idx[0].shape, z), *idx), gt.data[z][idx])
-        s.set_reviewed(z, True)
-    # show a slice with bulbs where the correction changed most
-    with_bulbs = [z for z in range(gt.data.shape[0]) if gt.data[z].any()]
-    z_show = max(with_bulbs, key=lambda z: changed[z])
-    viewer.dims.set_point(0, z_show)
+        rev.next_btn.native.click()
+    print("reviewed:", sorted(s.reviewed))
+    z_show = s.displayed()
     wait(qapp, lambda: rev.corrections.saver is not None and rev.corrections.saver.idle)
     rev_metrics(rev, qapp)
     rev._sync_reviewed()
     shot(viewer, "04-corrections")
 
-    # 5. fine-tune on the reviewed slices, then re-predict
+    # 5. fine-tune on the reviewed slices; the new version re-predicts the stack (next round)
     ft = widgets["finetune"]
     show_only(docks, "finetune")
     ft.epochs.value, ft.steps.value, ft.patch.value = 4, 10, 128
@@ -239,15 +246,15 @@ def main() -> int:
     ft.start()
     wait(qapp, lambda: not ft.running)
     print(f"fine-tune took {time.perf_counter() - t0:.0f} s:", ft.result_lbl.value)
-    ft.repredict()
     wait(qapp, lambda: not seg.running)
-    wait(qapp, lambda: not s.busy)
+    wait(qapp, lambda: not s.busy and not rev.queue.busy)
     corr.visible = False
     rev.reference.value = gt
     rev_metrics(rev, qapp)
     viewer.dims.set_point(0, z_show)
     wait(qapp, lambda: not rev._slice_timer.isActive() and rev._stack_worker is None)
     print(rev.slice_lbl.value, "|", rev.summary_lbl.value)
+    print("queue after the round:", [sc.index for sc in rev.queue.ranked()])
     shot(viewer, "05-finetune")
     viewer.close()
     return 0

@@ -221,6 +221,9 @@ class FinetuneWidget(Container):
             after=_fmt(compared.get("new_dice")),
         )
         s = self._session
+        self.status.value = T.MSG_TRAIN_DONE.format(
+            reason=result.stop_reason.replace("_", " "), epoch=result.best_epoch
+        )
         if not result.made_current:  # saved, but the user keeps the model they had
             msg = f"{msg}\n{result.verdict}"
             self.result_lbl.value = msg

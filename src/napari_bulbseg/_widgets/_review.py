@@ -66,10 +66,12 @@ class ReviewWidget(Container):
                 self.queue_lbl,
             ]
         )
-        self.native.layout().addWidget(self.queue)
-        self.extend([self.goto_btn, self.slice_lbl, self.summary_lbl])
-        self.native.layout().addWidget(self.table)
-        self.extend([self.export_btn, self.saved_lbl])
+        self.extend([self.goto_btn, self.slice_lbl, self.summary_lbl, self.export_btn])
+        self.extend([self.saved_lbl])
+        # plain Qt widgets, placed by hand: magicgui's extend() counts only its own widgets
+        layout = self.native.layout()
+        layout.insertWidget(layout.indexOf(self.goto_btn.native), self.queue)
+        layout.insertWidget(layout.indexOf(self.export_btn.native), self.table)
         self._slice_timer = single_shot(self.native, 30, self.update_current)
         self._stack_timer = single_shot(self.native, 300, self.update_stack)
         self._conns = c = Connections(self.native)

@@ -170,6 +170,7 @@ LBL_ONE_REVIEWED = (
     "1 reviewed slice: review one more to fine-tune (at least one slice is held out to "
     "validate the new model)."
 )
+MSG_TRAIN_DONE = "Training ended ({reason}); weights of epoch {epoch} kept."
 MSG_PREPARING = "Preparing the reviewed slices…"
 MSG_SPLIT = (
     "Fine-tuning on {n_train} reviewed slice(s); {n_val} held out to validate "
