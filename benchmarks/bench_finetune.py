@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_general's Otsu reference
 TARGET_DICE = 0.85
 
 
@@ -482,6 +483,14 @@ def main(argv: list[str] | None = None) -> int:
             f"MONAI: {final_m.dice:.4f} after {final_m.t:.1f} s; ratio ours/MONAI at "
             f"{args.budget:.0f} s = {final_o.dice / max(final_m.dice, 1e-12):.2f}"
         )
+    # plain Otsu on the same held-out images (luminance; nuclei are the darker class)
+    from bench_general import otsu, pooled
+
+    otsu_dice = pooled([(otsu(s.image, True), s.mask) for s in held])
+    print(
+        f"Otsu (inverted luminance) on the same {len(held)} held-out images: {otsu_dice:.4f}; "
+        f"ratio ours/Otsu = {final_o.dice / max(otsu_dice, 1e-12):.2f}"
+    )
     print(
         f"held-out evaluation time excluded: ours {ours.eval_s:.0f} s, "
         f"MONAI {monai.eval_s:.0f} s; load average " + " ".join(f"{v:.2f}" for v in load1)
@@ -532,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
             "eval_s_excluded": round(monai.eval_s, 1),
             "points": pts(monai),
         },
+        "otsu_dice": round(otsu_dice, 4),
+        "ratio_to_otsu": round(final_o.dice / max(otsu_dice, 1e-12), 3),
         "ratio_at_budget": round(final_o.dice / final_m.dice, 3)
         if final_m and final_m.dice
         else None,
