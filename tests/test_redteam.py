@@ -1,0 +1,173 @@
+"""The second red-team pass: bad inputs and faults beyond ``test_bad_input.py``, through the
+``bulbseg`` command line (the engine API where the command line cannot reach them).
+
+Each case either fails with ONE clear line (exit 2, no traceback, nothing written) or works
+correctly. ``docs/reliability.md`` ("Second red-team pass") lists every case with its outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_bulbseg import io
+from napari_bulbseg.cli import main
+from napari_bulbseg.model import CARD_NAME, UNet, UNetConfig
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def cli(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def one_error_line(rc: int, err: str, *fragments: str) -> str:
+    """Exit 2 with exactly one ``bulbseg: error:`` line (problem — hint) holding ``fragments``."""
+    assert rc == 2, err
+    assert "Traceback" not in err
+    assert "this is a bug" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("bulbseg: error:")]
+    assert len(errors) == 1, err
+    line = errors[0]
+    assert line == lines[-1]
+    assert " — " in line, f"no hint in: {line}"
+    for f in fragments:
+        assert f.lower() in line.lower(), f"{f!r} not in: {line}"
+    return line
+
+
+def files_under(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")} if root.exists() else set()
+
+
+def edited_model(src: Path, dst: Path, edit) -> Path:
+    """A copy of the model folder ``src`` whose card was changed by ``edit(card_dict)``."""
+    shutil.copytree(src, dst)
+    card = json.loads((dst / CARD_NAME).read_text())
+    edit(card)
+    (dst / CARD_NAME).write_text(json.dumps(card))
+    return dst
+
+
+@pytest.fixture
+def img(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    p = tmp_path / "in" / "cells.tif"
+    io.write_tiff(p, rng.integers(100, 4000, (1, 24, 28)).astype(np.uint16), axes="ZYX")
+    return p
+
+
+@pytest.fixture
+def train_set(tmp_path: Path) -> Path:
+    root = tmp_path / "ds"
+    for name in ("a", "b", "c"):
+        mask = np.zeros((32, 32), bool)
+        mask[8:20, 8:20] = True
+        io.write_tiff(root / "images" / f"{name}.tif", (mask * 200 + 20).astype(np.uint8))
+        io.write_mask(root / "masks" / f"{name}.png", mask)
+    return root
+
+
+# ------------------------------------------------------------- model cards, validated on read
+
+_BAD_CARDS = {
+    "base_channels_1e9": (
+        lambda c: c["architecture"].update(base_channels=10**9),
+        ["base_channels=1000000000", "1…1024"],
+    ),
+    "base_channels_1e30": (
+        lambda c: c["architecture"].update(base_channels=10**30),
+        ["base_channels=", "1…1024"],
+    ),
+    "base_channels_float": (
+        lambda c: c["architecture"].update(base_channels=1e30),
+        ["base_channels=1e+30", "integer"],
+    ),
+    "depth_1000": (lambda c: c["architecture"].update(depth=1000), ["depth 1000", "1 to 7"]),
+    "in_channels_1e9": (
+        lambda c: c["architecture"].update(in_channels=10**9),
+        ["in_channels=1000000000", "1…64"],
+    ),
+    "too_many_parameters": (
+        lambda c: c["architecture"].update(base_channels=1024, depth=7),
+        ["parameters", "fewer base_channels"],
+    ),
+    "split_train_not_a_list": (
+        lambda c: c["training"].update(split={"train": 5, "val": []}),
+        ["training.split.train", "list"],
+    ),
+    "split_a_list": (lambda c: c["training"].update(split=[1, 2]), ["training.split", "object"]),
+    "split_val_fraction": (
+        lambda c: c["training"].update(split={"train": [], "val": [], "val_fraction": "x"}),
+        ["training.split.val_fraction", "[0, 1)"],
+    ),
+    "metrics_val_a_list": (lambda c: c["metrics"].update(val=[0.9]), ["metrics.val"]),
+    "threshold_curve_garbage": (
+        lambda c: c.update(threshold_curve=[["a", None]]),
+        ["threshold_curve", "pairs"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_CARDS))
+def test_bad_card_is_refused_by_info_predict_and_train(
+    case, tmp_path, capsys, tiny_model_dir, img, train_set, bulbseg_home
+):
+    edit, words = _BAD_CARDS[case]
+    bad = edited_model(tiny_model_dir, tmp_path / "bad", edit)
+    rc, _, err = cli(capsys, "info", bad)
+    one_error_line(rc, err, *words)
+    out = tmp_path / "out"
+    rc, _, err = cli(capsys, "predict", img, "-o", out, "--model", bad, "--device", "cpu")
+    one_error_line(rc, err, *words)
+    assert files_under(out) == set()
+    rc, _, err = cli(
+        capsys, "train", "--images", train_set / "images", "--masks", train_set / "masks",
+        "--from", bad, "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "1",
+        "--patch-size", "16", "--device", "cpu",
+    )  # fmt: skip
+    one_error_line(rc, err, *words)
+    assert files_under(bulbseg_home / "models") == set()
+
+
+@pytest.mark.parametrize("where", ["top", "inside_metrics"])
+def test_deeply_nested_card_is_a_clear_error(where, tmp_path, capsys, tiny_model_dir, img):
+    bad = tmp_path / "nested"
+    shutil.copytree(tiny_model_dir, bad)
+    deep = "[" * 100_000 + "]" * 100_000
+    if where == "top":
+        text = deep
+    else:
+        text = (bad / CARD_NAME).read_text().rstrip()[:-1] + f', "extra": {deep}}}'
+    (bad / CARD_NAME).write_text(text)
+    for argv in (["info", bad], ["predict", img, "-o", tmp_path / "o", "--model", bad]):
+        rc, _, err = cli(capsys, *argv)
+        one_error_line(rc, err, "nested too deeply")
+
+
+def test_huge_card_is_refused_unread(tmp_path, capsys, tiny_model_dir, monkeypatch):
+    import napari_bulbseg.model as model_mod
+
+    bad = tmp_path / "huge"
+    shutil.copytree(tiny_model_dir, bad)
+    with open(bad / CARD_NAME, "ab") as f:
+        f.write(b" " * 2048)
+    monkeypatch.setattr(model_mod, "MAX_CARD_BYTES", 1024)
+    rc, _, err = cli(capsys, "info", bad)
+    one_error_line(rc, err, "far more than a card holds")
+
+
+def test_valid_cards_still_load(tiny_model_dir, capsys):
+    rc, out, err = cli(capsys, "info", tiny_model_dir)
+    assert rc == 0 and "tiny" in out, err
+    rc, out, err = cli(capsys, "info", "bundled")
+    assert rc == 0 and "arch" in out, err
+    big = UNetConfig(3, 1, 64, 5)  # a large but reasonable architecture is accepted
+    assert big.parameter_count() == sum(p.numel() for p in UNet(big).parameters())
