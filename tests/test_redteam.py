@@ -171,3 +171,63 @@ def test_valid_cards_still_load(tiny_model_dir, capsys):
     assert rc == 0 and "arch" in out, err
     big = UNetConfig(3, 1, 64, 5)  # a large but reasonable architecture is accepted
     assert big.parameter_count() == sum(p.numel() for p in UNet(big).parameters())
+
+
+# ------------------------------------------------- float64 images beyond float32's range
+
+
+def _disc_image() -> np.ndarray:
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:80, :80]
+    discs = ((yy - 25) ** 2 + (xx - 30) ** 2 < 120) | ((yy - 55) ** 2 + (xx - 55) ** 2 < 80)
+    return np.clip(0.1 + 0.8 * discs + rng.normal(0, 0.03, (80, 80)), 0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "scale, offset", [(9e39, 1e39), (9e-42, 1e-42), (1e300, 0.0)], ids=["1e40", "1e-41", "1e300"]
+)
+def test_float64_image_outside_float32_range_gives_the_same_mask(scale, offset, tmp_path, capsys):
+    base = _disc_image()
+    io.write_tiff(tmp_path / "ref" / "cells.tif", base)
+    io.write_tiff(tmp_path / "big" / "cells.tif", base * scale + offset)
+    assert io.read_stack(tmp_path / "big" / "cells.tif").data.dtype == np.float64
+    for name in ("ref", "big"):
+        rc, _, err = cli(
+            capsys, "predict", tmp_path / name, "-o", tmp_path / f"out-{name}",
+            "--model", "bundled", "--device", "cpu",
+        )  # fmt: skip
+        assert rc == 0, err
+    ref = io.read_stack(tmp_path / "out-ref" / "cells_mask.tif").data
+    got = io.read_stack(tmp_path / "out-big" / "cells_mask.tif").data
+    assert 0 < (ref > 0).mean() < 0.5  # the reference finds the discs, not everything
+    np.testing.assert_array_equal(got, ref)
+    p_ref = io.read_stack(tmp_path / "out-ref" / "cells_prob.tif").data.astype(np.float32)
+    p_got = io.read_stack(tmp_path / "out-big" / "cells_prob.tif").data.astype(np.float32)
+    np.testing.assert_allclose(p_got, p_ref, atol=2e-3)
+
+
+@pytest.mark.parametrize("polarity", ["bright", "dark", "auto"])
+@pytest.mark.parametrize("noise_floor", [0.0, 10.0])
+@pytest.mark.parametrize("policy", ["native", "luminance", "replicate"])
+def test_float64_normalisation_is_scale_free(polarity, noise_floor, policy):
+    from napari_bulbseg.normalize import Normalization, prepare_image
+
+    base = _disc_image()
+    norm = Normalization(polarity=polarity, noise_floor=noise_floor)
+    in_channels = 3 if policy == "replicate" else 1
+    lift = (lambda a: np.stack([a] * 3, -1)) if policy == "luminance" else (lambda a: a)
+    ref = prepare_image(lift(base), in_channels, norm, policy)
+    assert np.ptp(ref) > 0.5
+    for scale, offset in [(9e39, 1e39), (9e-42, 1e-42)]:
+        got = prepare_image(lift(base * scale + offset), in_channels, norm, policy)
+        assert got.dtype == np.float32 and np.isfinite(got).all()
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_float32_image_of_tiny_values_is_not_flattened():
+    from napari_bulbseg.normalize import Normalization, normalize_channel
+
+    base = _disc_image().astype(np.float32)
+    ref = normalize_channel(base, Normalization())
+    got = normalize_channel((base * np.float32(1e-36)).astype(np.float32), Normalization())
+    np.testing.assert_allclose(got, ref, atol=1e-5)
