@@ -231,3 +231,69 @@ def test_float32_image_of_tiny_values_is_not_flattened():
     ref = normalize_channel(base, Normalization())
     got = normalize_channel((base * np.float32(1e-36)).astype(np.float32), Normalization())
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+# ------------------------------------------------ memory: the real working set, checked first
+
+
+def test_predict_refuses_a_working_set_larger_than_free_memory(
+    tmp_path, capsys, tiny_model_dir, monkeypatch
+):
+    import napari_bulbseg.inference as inf
+
+    io.write_tiff(tmp_path / "in" / "big.tif", np.zeros((2, 600, 700), np.uint16))
+    need = inf.working_set(
+        __import__("napari_bulbseg.model", fromlist=["x"]).load_model(tiny_model_dir),
+        inf.PredictOptions(device="cpu"),
+        (600, 700),
+        n_slices=2,
+    )
+    # one raw plane (what the old check compared) fits easily; the working set does not
+    monkeypatch.setattr(inf, "_free_memory", lambda: need.total - 1)
+    assert need.total > 20 * 600 * 700 * 2
+    calls = []
+    monkeypatch.setattr(inf, "prepare_image", lambda *a, **k: calls.append(1))
+    out = tmp_path / "out"
+    rc, _, err = cli(capsys, "predict", tmp_path / "in", "-o", out, "--model", tiny_model_dir,
+                     "--device", "cpu")  # fmt: skip
+    line = one_error_line(rc, err, "600 × 700-pixel slices needs about", "free", "--tile")
+    assert "MiB" in line or "GiB" in line
+    assert calls == []  # refused before any slice was normalised
+    assert not any(p.suffix == ".tif" for p in out.rglob("*")) if out.exists() else True
+
+
+def test_working_set_matches_what_prediction_allocates(tiny_model_dir):
+    import napari_bulbseg.inference as inf
+    from napari_bulbseg.model import load_model
+
+    m = load_model(tiny_model_dir)
+    o = inf.PredictOptions(device="cpu")
+    one = inf.working_set(m, o, (3000, 3000), itemsize=2)  # 3 × 3 tiles
+    # per slice: raw 2 + normalised 4 + accumulator 4 + weights 4 + result 4 + float16 2
+    assert one.slices == 20 * 3000 * 3000  # 3000 is a multiple of 8: no padded copy
+    assert one.output == 2 * 3000 * 3000
+    single = inf.working_set(m, o, (1000, 1000), itemsize=2)  # one tile: nothing to blend
+    assert single.slices == 12 * 1000 * 1000
+    # tiles grow with the tile size and the batch, not with the number of slices
+    small = inf.working_set(m, inf.PredictOptions(device="cpu", tile=256), (3000, 3000))
+    assert small.tiles < one.tiles / 4
+    opts = inf.PredictOptions(device="cpu", tile=256, batch_size=1)
+    assert inf.working_set(m, opts, (3000, 3000)).tiles * 4 == small.tiles
+    many = inf.working_set(m, o, (3000, 3000), n_slices=10)
+    assert many.output == 10 * one.output and many.tiles == one.tiles
+    # a batch of 4 over 9 tiles per slice straddles two slices: two sets of slice buffers
+    assert many.slices == 2 * one.slices
+
+
+def test_memory_check_passes_with_enough_memory(tmp_path, capsys, tiny_model_dir, monkeypatch):
+    import napari_bulbseg.inference as inf
+
+    io.write_tiff(tmp_path / "in" / "a.tif", np.zeros((1, 40, 50), np.uint16))
+    seen = []
+    real = inf.check_memory
+    monkeypatch.setattr(inf, "check_memory", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    rc, _, err = cli(capsys, "predict", tmp_path / "in", "-o", tmp_path / "out", "--model",
+                     tiny_model_dir, "--device", "cpu")  # fmt: skip
+    assert rc == 0, err
+    assert (tmp_path / "out" / "a_mask.tif").is_file()
+    assert len(seen) == 1 and 0 < seen[0].total < 10 * 1024**3
