@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -457,26 +457,39 @@ def check_memory(
     shape: tuple[int, int],
     channels: int | None = None,
     **kw: Any,
-) -> WorkingSet:
-    """Refuse (:class:`InputError`) a prediction whose :func:`working_set` exceeds the free
-    memory, before any work, saying which part is large and what shrinks it."""
-    need = working_set(loaded, options, shape, channels, **kw)
+) -> int:
+    """The largest batch size (at most ``options.batch_size``) whose :func:`working_set` fits
+    in free memory; :class:`InputError` before any work when not even one tile per batch fits,
+    saying which part is large and what shrinks it."""
     free = _free_memory()
+    batch = options.batch_size
+    need = working_set(loaded, options, shape, channels, **kw)
+    while need.total > free and batch > 1:
+        batch = max(1, batch // 2)
+        need = working_set(loaded, replace(options, batch_size=batch), shape, channels, **kw)
     if need.total <= free:
-        return need
+        return batch
     parts = [
         (need.slices, "the slice's own buffers: crop or bin the image, or predict on a GPU"),
-        (need.tiles, "the tiles: use a smaller tile or batch size (--tile, --batch-size)"),
+        (need.tiles, "the tiles: use a smaller tile size (--tile)"),
         (need.output, "the probabilities of every slice: predict fewer slices at once"),
     ]
     big = [hint for n, hint in sorted(parts, key=lambda p: -p[0]) if n >= 0.2 * need.total]
     h, w = shape
     raise InputError(
-        f"Predicting {h} × {w}-pixel slices needs about {_gib(need.total)} of memory "
-        f"({_gib(need.slices)} per slice, {_gib(need.tiles)} for the tiles, "
-        f"{_gib(need.output)} for the results), {_gib(free)} free",
+        f"Predicting {h} × {w}-pixel slices needs about {_gib(need.total)} of memory even with "
+        f"one tile per batch ({_gib(need.slices)} for the slice, {_gib(need.tiles)} for the "
+        f"tiles, {_gib(need.output)} for the results), {_gib(free)} free",
         "; ".join(big) + "; or close other programs",
     )
+
+
+def _fit_batch(engine: Any, batch: int) -> Any:
+    """Start ``engine`` at ``batch`` tiles per batch when fewer fit in memory (noted)."""
+    if batch < engine.batch:
+        engine.batch = batch
+        engine.notes.append(f"batch size {batch} to fit the free memory")
+    return engine
 
 
 @dataclass
@@ -774,7 +787,7 @@ def _scaled_engine(
     if scale.zoom == 1.0:
         return base
     shape = resized_shape(source.shape, scale.zoom)
-    check_memory(
+    batch = check_memory(
         loaded,
         options,
         source.shape,
@@ -782,7 +795,7 @@ def _scaled_engine(
         plan_shape=tuple(shape),
         allocate_output=False,
     )
-    return _Engine(loaded, options, shape)
+    return _fit_batch(_Engine(loaded, options, shape), batch)
 
 
 def iter_predict_slice(
@@ -805,8 +818,8 @@ def iter_predict_slice(
     source = _as_source(img[None])
     _check_channels(loaded, source)
     _check_diameter_arg(loaded, diameter, source.shape)
-    _check_source_memory(loaded, options, source, img.dtype, 1, False, diameter)
-    engine = _Engine(loaded, options, source.shape)
+    batch = _check_source_memory(loaded, options, source, img.dtype, 1, False, diameter)
+    engine = _fit_batch(_Engine(loaded, options, source.shape), batch)
     return _slice_job(engine, source, loaded, diameter)
 
 
@@ -818,11 +831,11 @@ def _check_source_memory(
     n_slices: int,
     allocate_output: bool,
     diameter: Any,
-) -> None:
+) -> int:
     plan_shape = None
     if diameter is not None and not _is_auto(diameter):
         plan_shape = _scaled_shape(loaded, source.shape, float(diameter))
-    check_memory(
+    return check_memory(
         loaded,
         options,
         source.shape,
@@ -903,8 +916,8 @@ def iter_predict(
     encode = _encoder(np.dtype(out.dtype))
     _check_diameter_arg(loaded, diameter, source.shape)
     dtype = getattr(getattr(stack, "data", stack), "dtype", np.float32)
-    _check_source_memory(loaded, options, source, dtype, len(indices), allocated, diameter)
-    engine = _Engine(loaded, options, source.shape)
+    batch = _check_source_memory(loaded, options, source, dtype, len(indices), allocated, diameter)
+    engine = _fit_batch(_Engine(loaded, options, source.shape), batch)
     return _stack_job(engine, source, indices, loaded, out, encode, diameter, on_scale)
 
 
