@@ -543,7 +543,9 @@ def read_card(path: str | os.PathLike) -> ModelCard:
             f"(at most {MAX_CARD_BYTES:,})",
             "the file is damaged or is not a napari-bulbseg card; re-export the model",
         )
-    return parse_card(card_path.read_bytes(), f"The model card {card_path}")
+    with open(card_path, "rb") as fh:
+        raw = fh.read(MAX_CARD_BYTES + 1)
+    return parse_card(raw, f"The model card {card_path}")
 
 
 def parse_card(raw: bytes, source: str) -> ModelCard:
