@@ -8,15 +8,20 @@ correctly. ``docs/reliability.md`` ("Second red-team pass") lists every case wit
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
+import torch
 
 from napari_bulbseg import io
 from napari_bulbseg.cli import main
-from napari_bulbseg.model import CARD_NAME, UNet, UNetConfig
+from napari_bulbseg.model import CARD_NAME, ModelCard, UNet, UNetConfig, save_model
 
 # ----------------------------------------------------------------------------------- helpers
 
@@ -317,3 +322,566 @@ def test_memory_check_passes_with_enough_memory(tmp_path, capsys, tiny_model_dir
     assert rc == 0, err
     assert (tmp_path / "out" / "a_mask.tif").is_file()
     assert seen == [4]  # the full batch fits
+
+
+# ------------------------------------------------------------- second red-team pass: cases
+# Each setup(tmp, model, home) builds the input and returns the command line.
+
+
+def _img(p, shape=(1, 24, 28), dtype=np.uint16):
+    io.write_tiff(p, np.random.default_rng(0).integers(0, 200, shape).astype(dtype))
+    return p
+
+
+def P(tmp, model, *inputs, extra=()):
+    return ["predict", *inputs, "-o", tmp / "out", "--model", model, "--device", "cpu", *extra]
+
+
+def truncated_png(tmp, model, home):
+    p = tmp / "in" / "a.png"
+    io.write_mask(p, np.eye(40, dtype=bool))
+    b = p.read_bytes()
+    p.write_bytes(b[: len(b) // 2])
+    return P(tmp, model, p)
+
+
+def truncated_jpeg(tmp, model, home):
+    from PIL import Image
+
+    p = tmp / "in" / "a.jpg"
+    p.parent.mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(p)
+    b = p.read_bytes()
+    p.write_bytes(b[: len(b) // 2])
+    return P(tmp, model, p)
+
+
+def tiff_no_pages(tmp, model, home):
+    p = tmp / "in" / "a.tif"
+    p.parent.mkdir(parents=True)
+    p.write_bytes(b"II*\x00" + struct.pack("<I", 0) + b"\x00" * 8)
+    return P(tmp, model, p)
+
+
+def tiff_zero_slices(tmp, model, home):
+    p = tmp / "in" / "a.tif"
+    p.parent.mkdir(parents=True)
+    tifffile.imwrite(p, np.zeros((0, 8, 8), np.uint8))
+    return P(tmp, model, p)
+
+
+def ome_5d(tmp, model, home):
+    p = tmp / "in" / "a.ome.tif"
+    p.parent.mkdir(parents=True)
+    tifffile.imwrite(
+        p,
+        np.random.default_rng(0).integers(0, 200, (2, 1, 3, 24, 28)).astype(np.uint8),
+        ome=True,
+        metadata={"axes": "TCZYX"},
+    )
+    return P(tmp, model, p)
+
+
+def complex_tiff(tmp, model, home):
+    p = tmp / "in" / "a.tif"
+    p.parent.mkdir(parents=True)
+    tifffile.imwrite(p, np.ones((8, 8), np.complex128))
+    return P(tmp, model, p)
+
+
+def bool_tiff(tmp, model, home):
+    p = tmp / "in" / "a.tif"
+    p.parent.mkdir(parents=True)
+    tifffile.imwrite(p, np.eye(16, dtype=bool))
+    return P(tmp, model, p)
+
+
+def int64_tiff(tmp, model, home):
+    p = tmp / "in" / "a.tif"
+    p.parent.mkdir(parents=True)
+    tifffile.imwrite(
+        p, (np.random.default_rng(0).integers(-(2**62), 2**62, (16, 16))).astype(np.int64)
+    )
+    return P(tmp, model, p)
+
+
+def float16_tiff(tmp, model, home):
+    p = tmp / "in" / "a.tif"
+    p.parent.mkdir(parents=True)
+    tifffile.imwrite(p, np.random.default_rng(0).random((16, 16)).astype(np.float16))
+    return P(tmp, model, p)
+
+
+def wide_strip(tmp, model, home):
+    p = tmp / "in" / "a.tif"
+    io.write_tiff(p, np.random.default_rng(0).integers(0, 200, (3, 65536)).astype(np.uint8))
+    return P(tmp, model, p)
+
+
+def symlink_loop(tmp, model, home):
+    d = tmp / "loop"
+    os.symlink(d, d)
+    return P(tmp, model, d)
+
+
+def symlink_loop_inside(tmp, model, home):
+    d = tmp / "in"
+    _img(d / "a.tif")
+    os.symlink(d / "self", d / "self")
+    return P(tmp, model, d)
+
+
+def dir_named_tif_in_folder(tmp, model, home):
+    d = tmp / "in"
+    _img(d / "a.tif")
+    (d / "x.tif").mkdir()
+    return P(tmp, model, d)
+
+
+def dir_named_tif_given(tmp, model, home):
+    d = tmp / "x.tif"
+    d.mkdir()
+    return P(tmp, model, d)
+
+
+def names_differ_in_case(tmp, model, home):
+    d = tmp / "in"
+    _img(d / "a.tif")
+    _img(d / "A.tif")
+    return P(tmp, model, d)
+
+
+def threshold_nan(tmp, model, home):
+    return P(tmp, model, _img(tmp / "in" / "a.tif"), extra=["--threshold", "nan"])
+
+
+def threshold_inf(tmp, model, home):
+    return P(tmp, model, _img(tmp / "in" / "a.tif"), extra=["--threshold", "inf"])
+
+
+def tile_1(tmp, model, home):
+    return P(tmp, model, _img(tmp / "in" / "a.tif"), extra=["--tile", "1"])
+
+
+def overlap_ge_tile(tmp, model, home):
+    return P(tmp, model, _img(tmp / "in" / "a.tif"), extra=["--tile", "64", "--overlap", "64"])
+
+
+def overlap_negative(tmp, model, home):
+    return P(tmp, model, _img(tmp / "in" / "a.tif"), extra=["--overlap", "-5"])
+
+
+def batch_0(tmp, model, home):
+    return P(tmp, model, _img(tmp / "in" / "a.tif"), extra=["--batch-size", "0"])
+
+
+def diameter_0(tmp, model, home):
+    return P(tmp, "bundled", _img(tmp / "in" / "a.tif"), extra=["--diameter", "0"])
+
+
+def diameter_nan(tmp, model, home):
+    return P(tmp, "bundled", _img(tmp / "in" / "a.tif"), extra=["--diameter", "nan"])
+
+
+def diameter_huge(tmp, model, home):
+    return P(tmp, "bundled", _img(tmp / "in" / "a.tif"), extra=["--diameter", "1e9"])
+
+
+def diameter_auto_empty(tmp, model, home):
+    p = tmp / "in" / "a.tif"
+    io.write_tiff(p, np.full((1, 64, 64), 7, np.uint16))
+    return P(tmp, "bundled", p, extra=["--diameter", "auto"])
+
+
+def min_size_nan(tmp, model, home):
+    return P(tmp, model, _img(tmp / "in" / "a.tif"), extra=["--min-size", "nan"])
+
+
+def keep_largest_float(tmp, model, home):
+    return P(tmp, model, _img(tmp / "in" / "a.tif"), extra=["--keep-largest", "1.5"])
+
+
+def device_bogus(tmp, model, home):
+    return [
+        "predict",
+        _img(tmp / "in" / "a.tif"),
+        "-o",
+        tmp / "out",
+        "--model",
+        model,
+        "--device",
+        "tpu",
+    ]
+
+
+def output_empty_string(tmp, model, home):
+    return ["predict", _img(tmp / "in" / "a.tif"), "-o", "", "--model", model, "--device", "cpu"]
+
+
+def unknown_extension_given(tmp, model, home):
+    p = tmp / "in" / "a.czi"
+    p.parent.mkdir(parents=True)
+    p.write_bytes(b"ZISRAWFILE" + b"\0" * 100)
+    return P(tmp, model, p)
+
+
+def registry_current_garbage(tmp, model, home):
+    r = home / "models"
+    shutil.copytree(model, r / "v001")
+    (r / "current.json").write_bytes(b"\xff\x00garbage{")
+    return P(tmp, "current", _img(tmp / "in" / "a.tif"))
+
+
+def registry_current_points_nowhere(tmp, model, home):
+    r = home / "models"
+    shutil.copytree(model, r / "v001")
+    (r / "current.json").write_text(json.dumps({"id": "v099"}))
+    return P(tmp, "current", _img(tmp / "in" / "a.tif"))
+
+
+def version_without_weights(tmp, model, home):
+    r = home / "models"
+    shutil.copytree(model, r / "v001")
+    (r / "v001" / "weights.safetensors").unlink()
+    return P(tmp, "v001", _img(tmp / "in" / "a.tif"))
+
+
+def card_is_a_list(tmp, model, home):
+    m = tmp / "m"
+    shutil.copytree(model, m)
+    (m / "model.json").write_text("[1, 2]")
+    return ["info", m]
+
+
+def safetensors_2gb_header(tmp, model, home):
+    m = tmp / "m"
+    shutil.copytree(model, m)
+    w = m / "weights.safetensors"
+    data = struct.pack("<Q", 2 * 1024**3) + b"{}"
+    w.write_bytes(data)
+    card = json.loads((m / "model.json").read_text())
+    import hashlib
+
+    card["weights"]["sha256"] = hashlib.sha256(data).hexdigest()
+    card["weights"]["bytes"] = len(data)
+    (m / "model.json").write_text(json.dumps(card))
+    return P(tmp, m, _img(tmp / "in" / "a.tif"))
+
+
+def info_on_a_tiff(tmp, model, home):
+    return ["info", _img(tmp / "in" / "a.tif")]
+
+
+def evaluate_truth_not_masks(tmp, model, home):
+    _img(tmp / "pred" / "a_mask.tif", (16, 16), np.uint8)
+    io.write_mask(tmp / "pred" / "a_mask.tif", np.eye(16, dtype=bool))
+    _img(tmp / "truth" / "a.tif", (16, 16), np.uint16)
+    return ["evaluate", "--pred", tmp / "pred", "--truth", tmp / "truth"]
+
+
+def evaluate_pred_empty_folder(tmp, model, home):
+    (tmp / "pred").mkdir()
+    io.write_mask(tmp / "truth" / "a.tif", np.eye(16, dtype=bool))
+    return ["evaluate", "--pred", tmp / "pred", "--truth", tmp / "truth"]
+
+
+def rank_non_probability(tmp, model, home):
+    _img(tmp / "p" / "a_prob.tif", (2, 16, 16), np.uint16)
+    return ["rank", tmp / "p", "-o", tmp / "rank.csv"]
+
+
+def rank_top_negative(tmp, model, home):
+    f = tmp / "p" / "a_prob.tif"
+    io.write_tiff(f, np.random.default_rng(0).random((2, 16, 16)).astype(np.float32))
+    return ["rank", tmp / "p", "-o", tmp / "rank.csv", "--top", "-1"]
+
+
+def export_existing_file(tmp, model, home):
+    (tmp / "pkg.zip").write_bytes(b"precious")
+    return ["export", model, "-o", tmp / "pkg.zip"]
+
+
+def export_unwritable(tmp, model, home):
+    (tmp / "afile").write_text("x")
+    return ["export", model, "-o", tmp / "afile" / "pkg.zip"]
+
+
+def import_random_zip(tmp, model, home):
+    with zipfile.ZipFile(tmp / "r.zip", "w") as z:
+        z.writestr("hello.txt", "hi")
+    return ["import", tmp / "r.zip"]
+
+
+def import_not_a_zip(tmp, model, home):
+    (tmp / "r.zip").write_bytes(os.urandom(300))
+    return ["import", tmp / "r.zip"]
+
+
+def import_zip_slip(tmp, model, home):
+    with zipfile.ZipFile(tmp / "evil.zip", "w") as z:
+        z.writestr("../../evil.txt", "pwned")
+        z.writestr(
+            "rdf.yaml", "type: model\nweights: {pytorch_state_dict: {source: ../../evil.txt}}\n"
+        )
+        z.writestr("/abs.txt", "x")
+    return ["import", tmp / "evil.zip"]
+
+
+def train_empty_images(tmp, model, home):
+    (tmp / "i").mkdir()
+    (tmp / "m").mkdir()
+    return ["train", "--images", tmp / "i", "--masks", tmp / "m", "--device", "cpu"]
+
+
+def train_lr_nan(tmp, model, home):
+    (tmp / "i").mkdir()
+    (tmp / "m").mkdir()
+    return ["train", "--images", tmp / "i", "--masks", tmp / "m", "--lr", "nan", "--device", "cpu"]
+
+
+def train_patch_3(tmp, model, home):
+    (tmp / "i").mkdir()
+    (tmp / "m").mkdir()
+    return [
+        "train",
+        "--images",
+        tmp / "i",
+        "--masks",
+        tmp / "m",
+        "--patch-size",
+        "3",
+        "--device",
+        "cpu",
+    ]
+
+
+def train_time_budget_negative(tmp, model, home):
+    (tmp / "i").mkdir()
+    (tmp / "m").mkdir()
+    return [
+        "train",
+        "--images",
+        tmp / "i",
+        "--masks",
+        tmp / "m",
+        "--time-budget",
+        "-1",
+        "--device",
+        "cpu",
+    ]
+
+
+def int8_negative_tiff(tmp, model, home):
+    p = tmp / "in" / "a.tif"
+    p.parent.mkdir(parents=True)
+    tifffile.imwrite(p, np.random.default_rng(0).integers(-128, 127, (16, 16)).astype(np.int8))
+    return P(tmp, model, p)
+
+
+def png_16bit(tmp, model, home):
+    from PIL import Image
+
+    p = tmp / "in" / "a.png"
+    p.parent.mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 65535, (20, 20)).astype(np.uint16)).save(p)
+    return P(tmp, model, p)
+
+
+def rgba_png(tmp, model, home):
+    from PIL import Image
+
+    p = tmp / "in" / "a.png"
+    p.parent.mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 20, 4)).astype(np.uint8)).save(p)
+    return P(tmp, model, p)
+
+
+def csv_in_missing_folder(tmp, model, home):
+    io.write_mask(tmp / "pred" / "a_mask.tif", np.eye(16, dtype=bool))
+    io.write_mask(tmp / "truth" / "a.tif", np.eye(16, dtype=bool))
+    return [
+        "evaluate",
+        "--pred",
+        tmp / "pred",
+        "--truth",
+        tmp / "truth",
+        "--csv",
+        tmp / "no" / "such" / "m.csv",
+    ]
+
+
+def same_file_twice(tmp, model, home):
+    p = _img(tmp / "in" / "a.tif")
+    return P(tmp, model, p, p)
+
+
+def output_inside_input_file(tmp, model, home):
+    p = _img(tmp / "in" / "a.tif")
+    return ["predict", p, "-o", p, "--model", model, "--device", "cpu"]
+
+
+#: case -> ("error", fragments of the one line) or ("ok", outputs under tmp, stderr fragment)
+EXPECT: dict[str, tuple] = {
+    "truncated_png": ("error", ["truncated"]),
+    "truncated_jpeg": ("error", ["truncated"]),
+    "tiff_no_pages": ("error", ["contains no images"]),
+    "tiff_zero_slices": ("error", ["holds no pixels", "0 slices"]),
+    "ome_5d": ("ok", ["out/a_mask.tif"], None),
+    "complex_tiff": ("error", ["complex128"]),
+    "bool_tiff": ("ok", ["out/a_mask.tif"], None),
+    "int64_tiff": ("ok", ["out/a_mask.tif"], None),
+    "float16_tiff": ("ok", ["out/a_mask.tif"], None),
+    "int8_negative_tiff": ("ok", ["out/a_mask.tif"], None),
+    "png_16bit": ("ok", ["out/a_mask.tif"], None),
+    "rgba_png": ("ok", ["out/a_mask.tif"], None),
+    "wide_strip": ("ok", ["out/a_mask.tif"], None),
+    "symlink_loop": ("error", ["loops back on itself"]),
+    "symlink_loop_inside": ("ok", ["out/a_mask.tif"], None),
+    "dir_named_tif_in_folder": ("ok", ["out/a_mask.tif"], None),
+    "dir_named_tif_given": ("error", ["No images", "x.tif"]),
+    "names_differ_in_case": ("ok", ["out/a_mask.tif", "out/A_mask.tif"], None),
+    "same_file_twice": ("ok", ["out/a_mask.tif"], "named twice"),
+    "threshold_nan": ("error", ["Threshold nan", "(0, 1]"]),
+    "threshold_inf": ("error", ["Threshold inf", "(0, 1]"]),
+    "tile_1": ("error", ["tile=1", ">= 8"]),
+    "overlap_ge_tile": ("error", ["smaller than the tile"]),
+    "overlap_negative": ("error", ["overlap=-5"]),
+    "batch_0": ("error", ["batch_size=0"]),
+    "diameter_0": ("error", ["Object diameter 0.0"]),
+    "diameter_nan": ("error", ["Object diameter nan"]),
+    "diameter_huge": ("error", ["Object diameter 1000000000.0"]),
+    "diameter_auto_empty": ("ok", ["out/a_mask.tif"], "no objects found"),
+    "min_size_nan": ("error", ["--min-size", "nan"]),
+    "keep_largest_float": ("error", ["--keep-largest", "1.5"]),
+    "device_bogus": ("error", ["Unknown device 'tpu'"]),
+    "output_empty_string": ("error", ["empty path"]),
+    "output_inside_input_file": ("error", ["existing file, not a folder"]),
+    "unknown_extension_given": ("error", ["not a TIFF, PNG or JPEG"]),
+    "registry_current_garbage": ("ok", ["out/a_mask.tif"], "is unreadable"),
+    "registry_current_points_nowhere": ("ok", ["out/a_mask.tif"], "'v099', which is not"),
+    "version_without_weights": ("error", ["weights.safetensors is missing"]),
+    "card_is_a_list": ("error", ["not a JSON object"]),
+    "safetensors_2gb_header": ("error", ["unreadable", "header too large"]),
+    "info_on_a_tiff": ("error", ["not a model folder"]),
+    "evaluate_truth_not_masks": ("error", ["not a binary mask"]),
+    "evaluate_pred_empty_folder": ("error", ["No images", "pred"]),
+    "csv_in_missing_folder": ("ok", ["no/such/m.csv"], None),
+    "rank_non_probability": ("error", ["uint16"]),
+    "rank_top_negative": ("error", ["--top", "negative"]),
+    "export_existing_file": ("error", ["already exists", "--force"]),
+    "export_unwritable": ("error", ["Cannot write"]),
+    "import_random_zip": ("error", ["no rdf.yaml"]),
+    "import_not_a_zip": ("error", ["not a zip file"]),
+    "import_zip_slip": ("error", ["unsafe name", "nothing was imported"]),
+    "train_empty_images": ("error", ["contains no images"]),
+    "train_lr_nan": ("error", ["lr=nan"]),
+    "train_patch_3": ("error", ["patch_size=3"]),
+    "train_time_budget_negative": ("error", ["time_budget"]),
+}
+SETUPS = {name: globals()[name] for name in EXPECT}
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and not p.is_symlink() and "home" not in p.relative_to(root).parts[:1]
+        and p.relative_to(root).parts[:1] != ("tiny",)
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(EXPECT))
+def test_second_red_team_pass(case, tmp_path, capsys, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("NAPARI_BULBSEG_HOME", str(home))
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working folder unasked
+    torch.manual_seed(0)
+    model = save_model(tmp_path / "tiny", UNet(UNetConfig(1, 1, 8, 3)), ModelCard(name="tiny"))
+    argv = SETUPS[case](tmp_path, model, home)
+    before = _snapshot(tmp_path)
+    rc, _, err = cli(capsys, *argv)
+    expect = EXPECT[case]
+    if expect[0] == "error":
+        one_error_line(rc, err, *expect[1])
+        assert _snapshot(tmp_path) == before  # nothing written, nothing changed
+        assert not (tmp_path.parent / "evil.txt").exists()
+        return
+    _, outputs, note = expect
+    assert rc == 0, err
+    assert "Traceback" not in err
+    for rel in outputs:
+        assert (tmp_path / rel).is_file(), (rel, sorted(_snapshot(tmp_path)))
+    if note:
+        assert note in err, err
+    written = set(_snapshot(tmp_path)) - set(before)
+    assert {str(Path(r)) for r in outputs} <= written
+    assert not [w for w in written if "/" not in w and not w.startswith(("in", "out"))], written
+
+
+def test_disk_full_while_writing_the_manifest_loses_nothing(tmp_path, capsys, tiny_model_dir):
+    import errno
+
+    import napari_bulbseg.outputs as outputs_mod
+
+    io.write_tiff(tmp_path / "a" / "a.tif", np.zeros((1, 16, 16), np.uint16))
+    io.write_tiff(tmp_path / "b" / "b.tif", np.zeros((1, 16, 16), np.uint16))
+    out = tmp_path / "out"
+    args = ["-o", out, "--model", tiny_model_dir, "--device", "cpu"]
+    rc, _, err = cli(capsys, "predict", tmp_path / "a", *args)
+    assert rc == 0, err
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = outputs_mod.atomic_write
+
+    def full(path, *a, **k):
+        if Path(path).name == outputs_mod.MANIFEST:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(outputs_mod, "atomic_write", full)
+        rc, _, err = cli(capsys, "predict", tmp_path / "b", *args)
+    one_error_line(rc, err, "No space left on device")
+    # the first run's files and the manifest byte for byte; nothing of b, no temp file
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    rc, _, err = cli(capsys, "predict", tmp_path / "b", *args)  # a rerun is not refused
+    assert rc == 0, err
+    assert (out / "b_mask.tif").is_file() and (out / "a_mask.tif").is_file()
+
+
+def test_an_output_whose_record_fails_is_removed(tmp_path, tiny_model_dir):
+    """Engine level (what cluster workers call): when recording the mask fails, neither the
+    mask nor its probability map is left behind unrecorded."""
+    from napari_bulbseg.cohort import predict_file
+    from napari_bulbseg.inference import PredictOptions
+    from napari_bulbseg.model import load_model
+    from napari_bulbseg.postprocess import PostProcess
+
+    src = io.write_tiff(tmp_path / "in" / "a.tif", np.zeros((1, 16, 16), np.uint16))
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def record(path: Path, info) -> None:
+        if path.name.endswith("_mask.tif"):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        predict_file(src, out, load_model(tiny_model_dir), PredictOptions(device="cpu"),
+                     PostProcess(), on_written=record)  # fmt: skip
+    assert list(out.iterdir()) == []
+
+
+def test_names_differing_in_case_collide_on_a_case_insensitive_output_folder(
+    tmp_path, capsys, tiny_model_dir, monkeypatch
+):
+    import napari_bulbseg.cli as cli_mod
+
+    assert cli_mod._case_insensitive(tmp_path) is False  # this machine's file system
+    io.write_tiff(tmp_path / "x" / "Cells.tif", np.zeros((1, 16, 16), np.uint16))
+    io.write_tiff(tmp_path / "y" / "cells.tif", np.zeros((1, 16, 16), np.uint16))
+    monkeypatch.setattr(cli_mod, "_case_insensitive", lambda folder: True)
+    out = tmp_path / "out"
+    rc, _, err = cli(capsys, "predict", tmp_path / "x", tmp_path / "y", "-o", out,
+                     "--model", tiny_model_dir, "--device", "cpu")  # fmt: skip
+    one_error_line(rc, err, "Cells.tif and", "ignore case", "rename one")
+    assert not list(out.glob("*.tif"))
