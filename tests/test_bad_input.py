@@ -565,6 +565,17 @@ def test_absurd_architecture_fails_without_allocating(tiny_model_dir):
     card = _card(tiny_model_dir)
     card["architecture"]["base_channels"] = 1_000_000  # ~10^13 parameters if built
     _write_card(tiny_model_dir, card)
+    with pytest.raises(ModelError, match="base_channels=1000000 is out of range") as exc:
+        load_model(tiny_model_dir)
+    assert "1…1024" in exc.value.hint
+    # within each limit but too large together: refused by its parameter count
+    card["architecture"].update(base_channels=512, depth=7)
+    _write_card(tiny_model_dir, card)
+    with pytest.raises(ModelError, match="parameters"):
+        load_model(tiny_model_dir)
+    # a plausible architecture that the weights do not fit: checked on the meta device
+    card["architecture"].update(base_channels=64, depth=3)
+    _write_card(tiny_model_dir, card)
     with pytest.raises(ModelError, match="do not fit the architecture") as exc:
         load_model(tiny_model_dir)
     assert "re-export" in exc.value.hint

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, ModelError
-from .model import CARD_NAME, WEIGHTS_NAME, LoadedModel, ModelCard
+from .model import CARD_NAME, WEIGHTS_NAME, LoadedModel, ModelCard, parse_card
 from .normalize import Normalization
 
 ARCH_MODULE = "napari_bulbseg.model"
@@ -533,11 +533,7 @@ def read_package(path: str | os.PathLike) -> tuple[ModelCard, bytes]:
                 "damaged after export)",
                 "get the package again from its source; nothing was imported",
             )
-    try:
-        data = json.loads(card_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{where}: {CARD_NAME} is not valid JSON", "export it again") from e
-    return ModelCard.from_dict(data, source=f"The card in {p.name}"), wbytes
+    return parse_card(card_bytes, f"The card in {p.name}"), wbytes
 
 
 def import_package(

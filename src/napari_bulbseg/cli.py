@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import os
 import signal
 import sys
 import threading
@@ -106,9 +107,32 @@ def _collect_inputs(paths: Sequence[str]) -> list[Path]:
             files.extend(found)
         elif p.is_file():
             files.append(p)
+        elif p.is_symlink():
+            try:
+                target = p.resolve(strict=True)
+            except RuntimeError:  # Python < 3.13: a loop
+                target = None
+            except OSError as e:
+                target = None if e.errno == errno.ELOOP else Path(os.readlink(p))
+            if target is None:
+                raise InputError(
+                    f"{p} is a symbolic link that loops back on itself",
+                    "point at the real file or folder (ls -l shows where the link goes)",
+                )
+            raise InputError(
+                f"{p} is a symbolic link to {target}, which does not exist",
+                "point at the real file or folder, or fix the link",
+            )
         else:
             raise InputError(f"No such file or folder: {p}", "check the path")
-    return files
+    # the same file named twice (a.tif, ./a.tif, a folder and a file in it): predicted once
+    unique: dict[Path, Path] = {}
+    for f in files:
+        unique.setdefault(f.resolve(), f)
+    if len(unique) < len(files):
+        n = len(files) - len(unique)
+        print(f"{n} input(s) named twice: each file is predicted once", file=sys.stderr)
+    return list(unique.values())
 
 
 def _select_device(device: str) -> Any:
@@ -122,7 +146,17 @@ def _load_model(spec: str, device: str) -> Any:
     from .model import load_model
     from .registry import Registry
 
-    return load_model(Registry().resolve(spec), device=_select_device(device))
+    registry = Registry()
+    path = registry.resolve(spec)
+    if str(spec).strip() == "current" and (problem := registry.pointer_problem()):
+        print(
+            _printable(
+                f"bulbseg: warning: {problem}; using the bundled model — name a version "
+                "(--model v002) to use another"
+            ),
+            file=sys.stderr,
+        )
+    return load_model(path, device=_select_device(device))
 
 
 def _prepare_output_dir(path: str) -> Any:
@@ -132,16 +166,31 @@ def _prepare_output_dir(path: str) -> Any:
     return OutputFolder(path)
 
 
-def _check_unique_outputs(files: Sequence[Path]) -> None:
+def _case_insensitive(folder: Path) -> bool:
+    """Whether file names in ``folder`` ignore case (macOS, Windows, exFAT, some shares)."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".bulbseg-case-") as fh:
+            name = Path(fh.name).name
+            return (folder / name.upper()).exists()
+    except OSError:
+        return False
+
+
+def _check_unique_outputs(files: Sequence[Path], ignore_case: bool = False) -> None:
     seen: dict[str, Path] = {}
     for f in files:
         stem = file_stem(f)
-        if stem in seen:
+        key = stem.casefold() if ignore_case else stem
+        if key in seen:
+            what = " in this output folder, whose file names ignore case" if ignore_case else ""
             raise InputError(
-                f"{seen[stem]} and {f} would both be written as {prediction_names(f, False)[0]}",
+                f"{seen[key]} and {f} would both be written as {prediction_names(f, False)[0]}"
+                f"{what}",
                 "predict them into different output folders, or rename one of them",
             )
-        seen[stem] = f
+        seen[key] = f
 
 
 def _postprocess_from(args: argparse.Namespace, card: Any) -> Any:
@@ -210,7 +259,7 @@ def _predict_inputs(args: argparse.Namespace) -> tuple[Any, list[Path]]:
                 f"Every input is an output bulbseg wrote into {folder.path}",
                 "give the images, and an output folder apart from them",
             )
-    _check_unique_outputs(files)
+    _check_unique_outputs(files, ignore_case=_case_insensitive(folder.path))
     folder.check_not_ground_truth_of(files)
     return folder, files
 
@@ -505,6 +554,24 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message, self.prog)
 
 
+def _path(text: str) -> str:
+    """A path argument: not empty (``-o ""`` would mean the current folder, unasked)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path is not a file or folder")
+    return text
+
+
+def _count(text: str) -> int:
+    """An integer >= 0."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} is negative: give a number >= 0")
+    return n
+
+
 def _add_rank_options(p: argparse.ArgumentParser, *flags: str, required: bool = False) -> None:
     p.add_argument(
         *flags,
@@ -516,11 +583,11 @@ def _add_rank_options(p: argparse.ArgumentParser, *flags: str, required: bool = 
     )
     p.add_argument(
         "--expected-max",
-        type=int,
+        type=_count,
         default=0,
         help="most objects a slice should hold, for ranking when --keep-largest is off",
     )
-    p.add_argument("--top", type=int, default=10, help="print the N slices to correct first")
+    p.add_argument("--top", type=_count, default=10, help="print the N slices to correct first")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -531,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict probability and mask TIFFs for images or folders")
     p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("-o", "--output", required=True, type=_path, help="output folder")
     p.add_argument("--no-prob", action="store_true", help="do not write probability TIFFs")
     p.add_argument(
         "--diameter",
@@ -571,17 +638,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rank)
 
     p = sub.add_parser("evaluate", help="compare predicted masks with ground truth")
-    p.add_argument("--pred", required=True, help="folder (or file) of predicted masks")
-    p.add_argument("--truth", required=True, help="folder (or file) of ground-truth masks")
-    p.add_argument("--csv", default=None, help="write per-slice and summary metrics here")
+    p.add_argument("--pred", required=True, type=_path, help="folder (or file) of predicted masks")
+    p.add_argument(
+        "--truth", required=True, type=_path, help="folder (or file) of ground-truth masks"
+    )
+    p.add_argument(
+        "--csv", default=None, type=_path, help="write per-slice and summary metrics here"
+    )
     p.add_argument("--match-iou", type=float, default=0.5, help="IoU above which objects match")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train or fine-tune a model; writes a new version")
-    p.add_argument("--images", required=True)
-    p.add_argument("--masks", required=True)
-    p.add_argument("--val-images")
-    p.add_argument("--val-masks")
+    p.add_argument("--images", required=True, type=_path)
+    p.add_argument("--masks", required=True, type=_path)
+    p.add_argument("--val-images", type=_path)
+    p.add_argument("--val-masks", type=_path)
     p.add_argument(
         "--from",
         dest="base",
@@ -606,14 +677,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="segment the bundled sample with the bundled model")
-    p.add_argument("-o", "--output", default="bulbseg-demo", help="output folder")
+    p.add_argument("-o", "--output", default="bulbseg-demo", type=_path, help="output folder")
     p.add_argument("--model", default="bundled")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="write a model as a bioimage.io package (.zip)")
     p.add_argument("model", help="'bundled', a registry version id or a model folder")
-    p.add_argument("-o", "--output", required=True, help="the .zip to write")
+    p.add_argument("-o", "--output", required=True, type=_path, help="the .zip to write")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.add_argument("--author", action="append", help="package author (repeatable)")
     p.add_argument("--license", default="BSD-3-Clause", help="SPDX licence id")

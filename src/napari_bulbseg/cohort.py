@@ -147,20 +147,23 @@ def iter_predict_file(
         names = output_names(path, write_prob)
         meta = {"pixel_size": stack.pixel_size, "unit": stack.unit or "µm"}
         info = {"model": loaded.name, "diameter_px": scale.diameter if scale else None}
-        pp = None
+        pp = mp = None
         try:
             if write_prob:
                 pp = write_tiff(out / names[0], prob.astype("float32"), axes="ZYX", **meta)
                 if on_written is not None:
                     on_written(pp, info)
             mp = write_mask(out / names[-1], mask, pixel_size=stack.pixel_size)
+            if on_written is not None:
+                on_written(mp, info)
         except BaseException:
-            if pp is not None:  # never a probability map without its mask
-                with contextlib.suppress(OSError):
-                    pp.unlink()
+            # never a probability map without its mask, nor an output its record (the
+            # folder's manifest, e.g. on a full disk) does not know: a rerun would refuse it
+            for written in (mp, pp):
+                if written is not None:
+                    with contextlib.suppress(OSError):
+                        written.unlink()
             raise
-        if on_written is not None:
-            on_written(mp, info)
     finally:
         stack.close()
     return FileRecord(

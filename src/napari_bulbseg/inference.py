@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -370,6 +370,128 @@ class _Plan:
         return cls((h, w), (hp, wp), pad_mode, grid)
 
 
+# --------------------------------------------------------------------------- memory
+
+
+def _free_memory() -> int:
+    """Bytes of memory this process may still use (cgroup limit respected)."""
+    from .io import _available_memory
+
+    return _available_memory()
+
+
+@dataclass(frozen=True)
+class WorkingSet:
+    """Host (CPU) memory a prediction needs at its peak, in bytes, by part."""
+
+    #: per-slice buffers: the raw plane, the float32 normalised (and padded) plane, the
+    #: probability accumulator, the blending weight sum, the clamped result, its encoding
+    slices: int
+    #: the batch of tiles, the network's activations for it, its probabilities
+    tiles: int
+    #: the probabilities of the whole stack when prediction allocates them
+    output: int
+
+    @property
+    def total(self) -> int:
+        return self.slices + self.tiles + self.output
+
+
+def working_set(
+    loaded: LoadedModel,
+    options: PredictOptions,
+    shape: tuple[int, int],
+    channels: int | None = None,
+    *,
+    itemsize: int = 2,
+    n_slices: int = 1,
+    plan_shape: tuple[int, int] | None = None,
+    allocate_output: bool = True,
+) -> WorkingSet:
+    """The host memory predicting ``n_slices`` slices of ``shape`` (Y, X) needs, by part.
+
+    What :func:`_run` really allocates: per live slice the raw plane (``itemsize`` bytes per
+    pixel and channel), the normalised float32 plane (and its padded copy, and its resized
+    copy when ``plan_shape`` differs: a diameter was given), the float32 accumulator, weight
+    sum and clamped probabilities of the padded plane (one tile: none of these but the
+    result), the encoded slice; per batch the tiles, the network's activations (measured:
+    about 6.5 float32 feature maps of ``base_channels`` per tile pixel) and the
+    probabilities. On a GPU only the raw, normalised and result planes stay on the host.
+    Measured peaks are 0.7–0.8 × this estimate (docs/reliability.md).
+    """
+    cfg = loaded.card.unet_config
+    h, w = plan_shape or shape
+    plan = _Plan.make((h, w), cfg.multiple, options)
+    (th, tw), (hp, wp) = plan.grid.tile, plan.padded
+    per_slice = len(list(plan.grid))
+    c_in = cfg.in_channels
+    src_px, px, padded_px = shape[0] * shape[1], h * w, hp * wp
+    on_host = select_device(options.device).type == "cpu"
+    out_item = np.dtype(options.prob_dtype).itemsize
+    host = src_px * (max(1, channels or 1) * itemsize + 4 * c_in)  # raw + normalised
+    if (h, w) != tuple(shape):
+        host += 4 * c_in * px + 4 * src_px  # resized input; probabilities resized back
+    host += 4 * px + out_item * src_px  # clamped probabilities, their encoding
+    device = 0
+    if (hp, wp) != (h, w):
+        device += 4 * c_in * padded_px
+    if per_slice > 1:
+        device += 2 * 4 * padded_px  # accumulator and weight sum (divided in place)
+    batch = max(1, min(options.batch_size, per_slice * n_slices))
+    # slices open at once: one tile per slice opens a batch of them; otherwise a batch can
+    # straddle two slices
+    live = min(batch, n_slices) if per_slice == 1 else 1 + (n_slices > 1 and per_slice % batch > 0)
+    tiles = batch * th * tw * 4 * (c_in + 13 * cfg.base_channels // 2 + 2)
+    slices = live * (host + (device if on_host else 0))
+    output = n_slices * src_px * out_item if allocate_output else 0
+    return WorkingSet(slices, tiles if on_host else 0, output)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 1024**3:.3g} GiB" if n >= 1024**3 else f"{n / 1024**2:.3g} MiB"
+
+
+def check_memory(
+    loaded: LoadedModel,
+    options: PredictOptions,
+    shape: tuple[int, int],
+    channels: int | None = None,
+    **kw: Any,
+) -> int:
+    """The largest batch size (at most ``options.batch_size``) whose :func:`working_set` fits
+    in free memory; :class:`InputError` before any work when not even one tile per batch fits,
+    saying which part is large and what shrinks it."""
+    free = _free_memory()
+    batch = options.batch_size
+    need = working_set(loaded, options, shape, channels, **kw)
+    while need.total > free and batch > 1:
+        batch = max(1, batch // 2)
+        need = working_set(loaded, replace(options, batch_size=batch), shape, channels, **kw)
+    if need.total <= free:
+        return batch
+    parts = [
+        (need.slices, "the slice's own buffers: crop or bin the image, or predict on a GPU"),
+        (need.tiles, "the tiles: use a smaller tile size (--tile)"),
+        (need.output, "the probabilities of every slice: predict fewer slices at once"),
+    ]
+    big = [hint for n, hint in sorted(parts, key=lambda p: -p[0]) if n >= 0.2 * need.total]
+    h, w = shape
+    raise InputError(
+        f"Predicting {h} × {w}-pixel slices needs about {_gib(need.total)} of memory even with "
+        f"one tile per batch ({_gib(need.slices)} for the slice, {_gib(need.tiles)} for the "
+        f"tiles, {_gib(need.output)} for the results), {_gib(free)} free",
+        "; ".join(big) + "; or close other programs",
+    )
+
+
+def _fit_batch(engine: Any, batch: int) -> Any:
+    """Start ``engine`` at ``batch`` tiles per batch when fewer fit in memory (noted)."""
+    if batch < engine.batch:
+        engine.batch = batch
+        engine.notes.append(f"batch size {batch} to fit the free memory")
+    return engine
+
+
 @dataclass
 class _SliceJob:
     index: int
@@ -664,7 +786,16 @@ def _scaled_engine(
 ) -> _Engine:
     if scale.zoom == 1.0:
         return base
-    return _Engine(loaded, options, resized_shape(source.shape, scale.zoom))
+    shape = resized_shape(source.shape, scale.zoom)
+    batch = check_memory(
+        loaded,
+        options,
+        source.shape,
+        source.channels,
+        plan_shape=tuple(shape),
+        allocate_output=False,
+    )
+    return _fit_batch(_Engine(loaded, options, shape), batch)
 
 
 def iter_predict_slice(
@@ -687,8 +818,38 @@ def iter_predict_slice(
     source = _as_source(img[None])
     _check_channels(loaded, source)
     _check_diameter_arg(loaded, diameter, source.shape)
-    engine = _Engine(loaded, options, source.shape)
+    batch = _check_source_memory(loaded, options, source, img.dtype, 1, False, diameter)
+    engine = _fit_batch(_Engine(loaded, options, source.shape), batch)
     return _slice_job(engine, source, loaded, diameter)
+
+
+def _check_source_memory(
+    loaded: LoadedModel,
+    options: PredictOptions,
+    source: _Source,
+    dtype: Any,
+    n_slices: int,
+    allocate_output: bool,
+    diameter: Any,
+) -> int:
+    plan_shape = None
+    if diameter is not None and not _is_auto(diameter):
+        plan_shape = _scaled_shape(loaded, source.shape, float(diameter))
+    return check_memory(
+        loaded,
+        options,
+        source.shape,
+        source.channels,
+        itemsize=np.dtype(dtype).itemsize,
+        n_slices=max(1, n_slices),
+        plan_shape=plan_shape,
+        allocate_output=allocate_output,
+    )
+
+
+def _scaled_shape(loaded: LoadedModel, shape: tuple[int, int], diameter: float) -> tuple:
+    z = zoom_factor(loaded.card.diameter, check_diameter(diameter, shape))
+    return tuple(resized_shape(shape, z)) if z != 1.0 else tuple(shape)
 
 
 def _resolve_scale(
@@ -744,8 +905,9 @@ def iter_predict(
     _check_channels(loaded, source)
     indices = _slice_indices(source.n, slices)
     shape = (source.n, *source.shape)
+    allocated = out is None
     if out is None:
-        out = np.zeros(shape, dtype=options.prob_dtype)
+        out = np.zeros(shape, dtype=options.prob_dtype)  # pages committed as slices are written
     elif tuple(out.shape) != shape:
         raise InputError(
             f"The output array has shape {tuple(out.shape)}, the stack needs {shape}",
@@ -753,7 +915,9 @@ def iter_predict(
         )
     encode = _encoder(np.dtype(out.dtype))
     _check_diameter_arg(loaded, diameter, source.shape)
-    engine = _Engine(loaded, options, source.shape)
+    dtype = getattr(getattr(stack, "data", stack), "dtype", np.float32)
+    batch = _check_source_memory(loaded, options, source, dtype, len(indices), allocated, diameter)
+    engine = _fit_batch(_Engine(loaded, options, source.shape), batch)
     return _stack_job(engine, source, indices, loaded, out, encode, diameter, on_scale)
 
 
@@ -809,6 +973,8 @@ __all__ = [
     "PROB_DTYPES",
     "PredictOptions",
     "Scale",
+    "WorkingSet",
+    "check_memory",
     "fixed_scale",
     "iter_auto_scale",
     "iter_predict",
@@ -817,4 +983,5 @@ __all__ = [
     "predict_slice",
     "prepare_network",
     "select_device",
+    "working_set",
 ]

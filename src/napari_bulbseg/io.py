@@ -537,6 +537,12 @@ class _Layout:
 
 def _layout_for(axes: str, shape: tuple[int, ...], path: Path) -> tuple[_Layout, list[str]]:
     notes: list[str] = []
+    if any(int(n) == 0 for n in shape):
+        raise InputError(
+            f"{path} holds no pixels (shape {tuple(int(n) for n in shape)}: a dimension of size "
+            "0, e.g. a stack of 0 slices)",
+            "the file was written empty; export the image again",
+        )
     if "Y" not in axes or "X" not in axes:
         raise InputError(
             f"{path}: cannot find the image plane in axes {axes!r} (shape {shape})",

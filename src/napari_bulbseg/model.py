@@ -40,10 +40,18 @@ CARD_FORMAT = "napari-bulbseg-model"
 #: read as before: no rescaling, bright objects, no noise floor)
 CARD_FORMAT_VERSION = 2
 #: file suffixes of pickled PyTorch / Python objects, refused without being opened
+#: a model.json larger than this is refused unread (cards are a few kB)
+MAX_CARD_BYTES = 16 * 1024**2
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
 
 
 # --------------------------------------------------------------------------- architecture
+
+
+#: the largest value of each architecture setting a card may declare
+ARCH_LIMITS = {"in_channels": 64, "out_channels": 64, "base_channels": 1024, "depth": 7}
+#: the most weights a card's architecture may have (4e8: 1.6 GB in float32)
+MAX_PARAMETERS = 400_000_000
 
 
 @dataclass(frozen=True)
@@ -56,14 +64,41 @@ class UNetConfig:
     depth: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("in_channels", "out_channels", "base_channels", "depth"):
+        for name, top in ARCH_LIMITS.items():
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ModelError(
-                    f"Invalid U-Net setting {name}={v!r}", "it must be an integer >= 1"
+                    f"Invalid U-Net setting {name}={v!r}", f"it must be an integer in 1…{top}"
                 )
-        if self.depth > 7:
+        if self.depth > ARCH_LIMITS["depth"]:
             raise ModelError(f"U-Net depth {self.depth} is too deep", "use a depth of 1 to 7")
+        for name, top in ARCH_LIMITS.items():
+            v = getattr(self, name)
+            if v > top:  # refused before any tensor is built (1e9 channels: C++ overflow)
+                raise ModelError(
+                    f"U-Net setting {name}={v} is out of range",
+                    f"{name} must be an integer in 1…{top}",
+                )
+        n = self.parameter_count()
+        if n > MAX_PARAMETERS:
+            raise ModelError(
+                f"The U-Net base_channels={self.base_channels}, depth={self.depth} would have "
+                f"{n:.3g} parameters, more than the {MAX_PARAMETERS:.0e} allowed",
+                "use fewer base_channels or a smaller depth",
+            )
+
+    def parameter_count(self) -> int:
+        """The number of weights this architecture has (computed, nothing is built)."""
+        c = [self.base_channels * 2**i for i in range(self.depth)]
+
+        def block(a: int, b: int) -> int:  # two 3×3 convolutions + two batch norms
+            return 9 * a * b + 9 * b * b + 4 * b
+
+        n = block(self.in_channels, c[0]) + c[0] * self.out_channels + self.out_channels
+        for i in range(self.depth - 1):
+            n += block(c[i], c[i + 1])  # down
+            n += 4 * c[i + 1] * c[i] + c[i] + block(2 * c[i], c[i])  # up: transposed conv
+        return n
 
     @property
     def multiple(self) -> int:
@@ -285,6 +320,7 @@ class ModelCard:
             )
         card.diameter = _check_card_diameter(card.diameter, source)
         _check_card_postprocess(card, source)
+        _check_card_records(card, source)
         _weights_file_name(card, source)
         return card
 
@@ -317,6 +353,50 @@ def _check_card_diameter(d: Any, source: str) -> float | None:
             "unknown); fix model.json or re-export the model",
         )
     return float(d)
+
+
+def _check_card_records(card: ModelCard, source: str) -> None:
+    """The parts of the card that later steps read: ``training.split`` (a fine-tune inherits
+    it), ``metrics.val`` (versions are compared by it) and ``threshold_curve``."""
+
+    def bad(field_name: str, what: str) -> ModelError:
+        return ModelError(
+            f"{source} has an invalid '{field_name}' entry ({what})",
+            "the card was edited or damaged; fix that entry in model.json or re-export the model",
+        )
+
+    split = card.training.get("split")
+    if split is not None:
+        if not isinstance(split, dict):
+            raise bad("training.split", f"a {type(split).__name__}, expected an object")
+        for key in ("train", "val"):
+            keys = split.get(key, [])
+            if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                raise bad(f"training.split.{key}", "expected a list of sample keys (strings)")
+        for key in ("salt", "method"):
+            if key in split and not isinstance(split[key], str):
+                raise bad(f"training.split.{key}", f"{split[key]!r}, expected a string")
+        if split.get("method", "hash") not in ("hash", "explicit"):
+            raise bad("training.split.method", f"{split['method']!r}, expected hash or explicit")
+        vf = split.get("val_fraction", 0.2)
+        if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0.0 <= vf < 1.0:
+            raise bad("training.split.val_fraction", f"{vf!r}, expected a number in [0, 1)")
+    val = card.metrics.get("val")
+    if val is not None:
+        if not isinstance(val, dict):
+            raise bad("metrics.val", f"a {type(val).__name__}, expected an object")
+        dice = val.get("dice")
+        if dice is not None and (
+            isinstance(dice, bool) or not isinstance(dice, (int, float)) or not 0 <= dice <= 1
+        ):
+            raise bad("metrics.val.dice", f"{dice!r}, expected a number in [0, 1]")
+    for point in card.threshold_curve:
+        if (
+            not isinstance(point, list)
+            or len(point) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in point)
+        ):
+            raise bad("threshold_curve", f"{point!r}, expected [threshold, dice] pairs")
 
 
 def _check_card_postprocess(card: ModelCard, source: str) -> None:
@@ -456,13 +536,32 @@ def read_card(path: str | os.PathLike) -> ModelCard:
             f"No model card ({CARD_NAME}) in {folder}",
             "a model folder holds model.json and weights.safetensors",
         )
-    try:
-        data = json.loads(card_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    size = card_path.stat().st_size
+    if size > MAX_CARD_BYTES:
         raise ModelError(
-            f"The model card {card_path} is not valid JSON ({e})", "re-export it"
-        ) from e
-    return ModelCard.from_dict(data, source=f"The model card {card_path}")
+            f"The model card {card_path} is {size:,} bytes, far more than a card holds "
+            f"(at most {MAX_CARD_BYTES:,})",
+            "the file is damaged or is not a napari-bulbseg card; re-export the model",
+        )
+    with open(card_path, "rb") as fh:
+        raw = fh.read(MAX_CARD_BYTES + 1)
+    return parse_card(raw, f"The model card {card_path}")
+
+
+def parse_card(raw: bytes, source: str) -> ModelCard:
+    """A :class:`ModelCard` from the bytes of a ``model.json``, validated; ``source`` names
+    it in messages (``"The model card …/model.json"``)."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{source} is not valid JSON ({e})", "re-export it") from e
+    except RecursionError:
+        raise ModelError(
+            f"{source} is nested too deeply to be a model card (thousands of nested lists or "
+            "objects)",
+            "the file is damaged or is not a napari-bulbseg card; re-export the model",
+        ) from None
+    return ModelCard.from_dict(data, source=source)
 
 
 def _model_folder(path: str | os.PathLike) -> Path:

@@ -88,7 +88,8 @@ def noise_sigma(x: np.ndarray) -> float:
     The median absolute difference of horizontally neighbouring pixels, / (0.6745 √2): flat
     background dominates the median, so objects and edges barely move it.
     """
-    a = np.asarray(x, dtype=np.float32)
+    a = np.asarray(x)
+    a = a.astype(_work_dtype(a.dtype), copy=False)
     if a.ndim != 2 or a.shape[1] < 2:
         return 0.0
     d = np.abs(np.diff(a, axis=1))
@@ -111,13 +112,93 @@ def _subsample(x: np.ndarray) -> np.ndarray:
     return x[::step, ::step]
 
 
+def _work_dtype(dtype: np.dtype) -> type:
+    """float64 for float types wider than float32 (their values may lie outside float32's
+    range, e.g. 1e40, or below its resolution, e.g. 1e-42), else float32."""
+    dtype = np.dtype(dtype)
+    return np.float64 if dtype.kind == "f" and dtype.itemsize > 4 else np.float32
+
+
+def _is_constant(scale: float, lo: float, hi: float) -> bool:
+    """Whether a percentile range ``scale`` is no contrast at all: zero, not finite, or float
+    rounding relative to the values themselves (scale-free, so 1e-41 steps still count)."""
+    return not np.isfinite(scale) or scale <= 1e-12 * max(abs(float(lo)), abs(float(hi)))
+
+
+#: rows of a wide (float64) channel scaled at once (bounds the float64 temporaries)
+_WIDE_CHUNK_PIXELS = 1 << 20
+
+
+def _normalize_wide(src: np.ndarray, norm: Normalization, out: np.ndarray) -> np.ndarray:
+    """:func:`normalize_channel` for a float64 channel: the range and the scaling are computed
+    in float64, so only the result (in [0, 1] for percentile / minmax) is cast to float32."""
+    finite = np.isfinite(src)
+    all_finite = bool(finite.all())
+    rows = max(1, _WIDE_CHUNK_PIXELS // max(1, src.shape[-1]))
+
+    def scaled(sign: float, lo: float, inv: float) -> np.ndarray:
+        for y in range(0, src.shape[0], rows):
+            block = src[y : y + rows].astype(np.float64)
+            if sign < 0:
+                np.negative(block, out=block)
+            if inv != 1.0 or lo != 0.0:
+                block -= lo
+                block *= inv
+            with np.errstate(over="ignore", invalid="ignore"):
+                out[y : y + rows] = block
+        bad = ~finite if not all_finite else None
+        if norm.method == "none":  # values beyond float32's range cannot be passed on
+            bad = ~np.isfinite(out) if bad is None else bad | ~np.isfinite(out)
+        if bad is not None:
+            out[bad] = 0.0
+        return out
+
+    if norm.method == "none":
+        return scaled(1.0, 0.0, 1.0)
+
+    def finite_sample(sign: float) -> np.ndarray:
+        sample = _subsample(src).astype(np.float64) * sign
+        if not all_finite:
+            sample = sample[np.isfinite(sample)]
+            if sample.size == 0:
+                sample = src[finite].astype(np.float64) * sign
+            if sample.size == 0:
+                raise InputError(
+                    "The image has no finite pixel values (all NaN or infinite)",
+                    "check the file or the step that produced it",
+                )
+        return sample
+
+    sign = 1.0
+    sample = finite_sample(sign)
+    if norm.polarity == "dark" or (
+        norm.polarity == "auto" and is_bright_background(sample, norm.low, norm.high)
+    ):
+        sign = -1.0
+        sample = -sample
+    if norm.method == "percentile":
+        lo, hi = (float(v) for v in np.percentile(sample, [norm.low, norm.high]))
+    else:
+        lo, hi = float(np.min(sample)), float(np.max(sample))
+    scale = hi - lo
+    if norm.noise_floor > 0:
+        scale = max(scale, norm.noise_floor * noise_sigma(sign * _subsample(src)))
+    del sample
+    if _is_constant(scale, lo, hi):
+        out[...] = 0.0
+        return out
+    return scaled(sign, lo, 1.0 / scale)
+
+
 def normalize_channel(
     x: np.ndarray, norm: Normalization, out: np.ndarray | None = None
 ) -> np.ndarray:
     """Normalise one 2D channel to float32; non-finite pixels become 0 (background).
 
     Works in one float32 buffer (``out``, or a new one; the input is never modified), so a
-    slice costs 4 bytes per pixel plus a transient 1-byte mask, whatever its dtype.
+    slice costs 4 bytes per pixel plus a transient 1-byte mask, whatever its dtype. A float64
+    channel is scaled in float64 (row blocks) before the cast, so values beyond float32's
+    range (1e40) or below its resolution (1e-42) normalise as the same image scaled to 0..1.
     """
     src = np.asarray(x)
     if out is None:
@@ -127,6 +208,8 @@ def normalize_channel(
             f"Output buffer {out.shape} {out.dtype} does not fit a {src.shape} channel",
             "pass a float32 array of the channel's shape",
         )
+    if _work_dtype(src.dtype) is np.float64 and src.ndim == 2:
+        return _normalize_wide(src, norm, out)
     out[...] = src
     all_finite = bool(np.isfinite(out).all())
     if norm.method == "none":
@@ -162,9 +245,11 @@ def normalize_channel(
         scale = max(scale, norm.noise_floor * noise_sigma(_subsample(out)))
     del sample
     non_finite = None if all_finite else ~np.isfinite(out)
-    if not np.isfinite(scale) or scale <= 1e-12 * max(1.0, abs(float(hi))):
+    if _is_constant(scale, lo, hi):
         # constant (or nearly) image: nothing to segment, map to zeros rather than divide by 0
         out[...] = 0.0
+    elif 1.0 / scale > 1e30 and src.ndim == 2:  # e.g. float32 values of 1e-38: 1/scale overflows
+        return _normalize_wide(src, norm, out)
     else:
         np.subtract(out, np.float32(lo), out=out)
         np.multiply(out, np.float32(1.0 / scale), out=out)
@@ -224,10 +309,12 @@ def _convert(
             "pick one channel of the image (split channels in napari, or save one channel) "
             f"or fine-tune a {c}-channel model",
         )
+    work = np.float32 if cast else _work_dtype(chans.dtype)
     if in_channels == 1 and c == 3:
-        return np.tensordot(_LUMA, chans.astype(np.float32), axes=1)[None]
+        luma = _LUMA.astype(work)
+        return np.tensordot(luma, chans.astype(work), axes=1)[None].astype(work, copy=False)
     if in_channels == 3 and c == 1:
-        return np.repeat(chans.astype(np.float32, copy=False), 3, axis=0)
+        return np.repeat(chans.astype(work, copy=False), 3, axis=0)
     if in_channels == 1 and c > 1:
         raise ModelError(
             f"The model takes 1 channel but the image has {c}",

@@ -361,6 +361,20 @@ class Registry:
             return vid
         return BUNDLED
 
+    def pointer_problem(self) -> str:
+        """Why the ``current`` pointer file, when there is one, is not used ("" when it is
+        fine or absent): :meth:`current` then falls back to the bundled model."""
+        if not self._pointer.exists():
+            return ""
+        try:
+            data = json.loads(self._pointer.read_text(encoding="utf-8"))
+            vid = str(data["id"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"{self._pointer} is unreadable ({type(e).__name__})"
+        if vid == BUNDLED or (_ID_RE.match(vid) and (self.root / vid / CARD_NAME).is_file()):
+            return ""
+        return f"{self._pointer} names {vid!r}, which is not a version in {self.root}"
+
     def set_current(self, version_id: str) -> None:
         """Point ``current`` at a version (which must exist and have a readable card)."""
         vid = self._resolve(version_id)
