@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -102,13 +103,15 @@ class CorrectNextQueue(QListWidget):
             self._again = True
             return
         self.scores = scores
-        self.refill()
+        with contextlib.suppress(RuntimeError):  # the dock was closed while the job ran
+            self.refill()
 
     def _finished(self) -> None:
         self._worker = None
         if self._again:
             self._again = False
-            self.recompute()
+            with contextlib.suppress(RuntimeError):  # the dock was closed while the job ran
+                self.recompute()
 
     # ------------------------------------------------------------------ the list
     def ranked(self) -> list[Any]:
