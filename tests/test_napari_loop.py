@@ -203,3 +203,55 @@ def test_a_version_that_is_not_better_is_saved_but_not_made_current(
     assert not ft.repredict_btn.enabled
     accepted = reg.load(result.version_id).card.training["accepted"]
     assert accepted["current"] is False and "Dice" in accepted["reason"]
+
+
+def test_fine_tune_after_restoring_corrections_needs_no_segmentation(
+    make_napari_viewer, qtbot, tmp_path, bulbseg_home
+):
+    """Reopen an image, restore its autosaved corrections, fine-tune: the current model is the
+    base; the stack is not predicted again first."""
+    from napari_bulbseg._widgets._corrections import store_for
+    from napari_bulbseg._widgets._session import get_session
+    from napari_bulbseg.phantom import bulb_phantom
+
+    viewer = make_napari_viewer()
+    image = _open_bulbs(viewer, tmp_path, n=6)
+    _, truth = bulb_phantom(n_slices=6, shape=(64, 64), seed=2)
+    store_for(image).save(truth.astype(np.uint8), {1, 2, 3, 4})  # an earlier session's work
+    viewer.layers.remove(image)
+    image = _open_bulbs(viewer, tmp_path, n=6)  # reopened: the offer appears
+    s = get_session(viewer)
+    rw = open_dock(viewer, "Review & correct")
+    ft = open_dock(viewer, "Fine-tune")
+    assert not rw.restore_btn.native.isHidden()
+    rw.restore_btn.native.click()
+    assert s.reviewed == {1, 2, 3, 4} and s.loaded is None and s.prob is None
+    assert "no need to segment again" in ft.ready_lbl.value
+    ft.epochs.value, ft.steps.value, ft.patch.value = 1, 1, 32
+    ft.only_better.value, ft.then_predict.value = False, False
+    ft.start()
+    qtbot.waitUntil(lambda: not ft.running, timeout=60000)
+    assert ft.result is not None, ft.status.value
+    assert ft.result.card.parent.startswith("bundled:")  # the current model was the base
+    assert s.prob is None  # nothing was predicted to get there
+    assert s.model_version == ft.result.version_id
+
+
+def test_with_several_images_open_the_panel_says_which_one_trains(
+    make_napari_viewer, qtbot, tmp_path, bulbseg_home
+):
+    from napari_bulbseg._widgets._session import get_session
+
+    viewer = make_napari_viewer()
+    _open_bulbs(viewer, tmp_path, n=4)
+    s = get_session(viewer)
+    seg = open_dock(viewer, "Segment")
+    rw = open_dock(viewer, "Review & correct")
+    ft = open_dock(viewer, "Fine-tune")
+    _segment_with(seg, qtbot, s, _model(tmp_path, "a", threshold=0.5))
+    rw.start_corrections()
+    s.set_reviewed(0, True)
+    s.set_reviewed(1, True)
+    assert "several images" not in ft.ready_lbl.value
+    viewer.add_image(np.zeros((4, 64, 64), np.uint16), name="other")
+    assert "bulbs only" in ft.ready_lbl.value and "one stack" in ft.ready_lbl.value

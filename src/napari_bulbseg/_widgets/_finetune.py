@@ -49,8 +49,11 @@ def finetune_job(
     the new one current only when it beats the old (``TrainResult.made_current``)."""
     from ..data import samples_from_planes
     from ..errors import InputError
+    from ..model import load_model
     from ..training import iter_train, planned_split
 
+    if base is None:  # corrections restored without segmenting: start from the current model
+        base = load_model(registry.resolve("current"))
     samples = samples_from_planes(planes, rgb)
     (train, val, _), _ = planned_split(config, samples, base, registry)
     if not train or not val:  # the engine's rule: one slice trains, another validates
@@ -113,6 +116,8 @@ class FinetuneWidget(Container):
         self.rollback_btn.changed.connect(self.rollback)
         c = Connections(self.native)
         c.connect(s.events.reviewed_changed, self._update_ready)
+        for ev in (viewer.layers.events.inserted, viewer.layers.events.removed):
+            c.connect(ev, lambda *_: self._update_ready())
         c.connect(s.events.model_changed, self._update_ready)
         c.connect(s.events.model_changed, self._update_rounds)
         self._update_ready()
@@ -120,14 +125,24 @@ class FinetuneWidget(Container):
 
     def _update_ready(self) -> None:
         s = self._session
-        if s.loaded is None:
+        if s.loaded is None and s.corr_layer is None:
             self.ready_lbl.value = T.MSG_NO_MODEL
         elif not s.reviewed or s.corr_layer is None:
             self.ready_lbl.value = T.LBL_NEED_REVIEW
         elif len(s.reviewed) == 1:
             self.ready_lbl.value = T.LBL_ONE_REVIEWED
         else:
-            self.ready_lbl.value = T.LBL_READY.format(n=len(s.reviewed), model=s.model_label)
+            model = s.model_label if s.loaded is not None else T.CURRENT_MODEL
+            self.ready_lbl.value = T.LBL_READY.format(n=len(s.reviewed), model=model)
+        if s.image_layer is not None and s.corr_layer is not None:
+            others = [
+                lyr.name
+                for lyr in self._viewer.layers
+                if lyr is not s.image_layer and type(lyr) is type(s.image_layer)
+                and not lyr.name.endswith(T.PROB_SUFFIX)
+            ]  # fmt: skip
+            if others:  # several images open: say which one trains, and how to use them all
+                self.ready_lbl.value += " " + T.LBL_ONE_IMAGE.format(image=s.image_name)
 
     # ------------------------------------------------------------------ training
     def config(self) -> Any:
@@ -157,7 +172,7 @@ class FinetuneWidget(Container):
         s = self._session
         if self.running:
             return
-        if s.loaded is None:
+        if s.loaded is None and s.corr_layer is None:
             show_warning(T.MSG_NO_MODEL)
             return
         if s.corr_layer is None or not s.reviewed or s.image_layer is None:

@@ -177,6 +177,12 @@ MSG_SPLIT = (
     "(fixed by slice content, so they stay held out in later rounds); at most {budget}."
 )
 LBL_READY = "{n} reviewed slice(s) ready; starts from {model}."
+CURRENT_MODEL = "the current model (restored corrections: no need to segment again)"
+LBL_ONE_IMAGE = (
+    "It trains on the reviewed slices of {image} only; to fine-tune on several images, open them "
+    "as one stack (put them in one folder and open the folder), or run `bulbseg train` on "
+    "their image and mask folders."
+)
 LBL_TRAINING = "epoch {epoch} · step {step}/{total} · loss {loss:.4f} · ETA {eta:.0f} s"
 LBL_RESULT = (
     "Saved version {version}. Validation Dice on {n} held-out slice(s): "
