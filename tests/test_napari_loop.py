@@ -255,3 +255,39 @@ def test_with_several_images_open_the_panel_says_which_one_trains(
     assert "several images" not in ft.ready_lbl.value
     viewer.add_image(np.zeros((4, 64, 64), np.uint16), name="other")
     assert "bulbs only" in ft.ready_lbl.value and "one stack" in ft.ready_lbl.value
+
+
+def test_a_job_that_ends_after_its_dock_closed_does_nothing(qtbot):
+    """Worker callbacks into deleted Qt widgets are dropped, not raised into the event loop."""
+    import threading
+
+    from qtpy.QtWidgets import QLabel
+
+    from napari_bulbseg._widgets._jobs import start_job
+
+    label = QLabel("before")
+    release, called = threading.Event(), []
+
+    def job():
+        release.wait(10)
+        yield
+        return "done"
+
+    def done(value):
+        called.append(value)
+        label.setText(value)  # the label is gone by now
+
+    worker = start_job(job(), on_done=done)
+    label.deleteLater()
+    qtbot.waitUntil(lambda: not _alive(label), timeout=5000)
+    release.set()
+    qtbot.waitUntil(lambda: called == ["done"], timeout=5000)  # called, and nothing raised
+    worker.quit()
+
+
+def _alive(widget) -> bool:
+    try:
+        widget.objectName()
+    except RuntimeError:
+        return False
+    return True

@@ -233,3 +233,15 @@ def test_resolve_is_the_one_rule_for_naming_a_model(tmp_path, bundled, monkeypat
     with pytest.raises(ModelError, match="names both the folder"):
         reg.resolve(vid)
     assert reg.resolve(f"./{vid}") == Path(vid)
+
+
+def test_one_home_for_models_and_corrections(tmp_path, monkeypatch):
+    from napari_bulbseg.corrections import CorrectionStore
+    from napari_bulbseg.home import user_home
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NAPARI_BULBSEG_HOME", "~/bulbseg")  # "~" as a user writes it
+    assert user_home() == tmp_path / "bulbseg"
+    assert Registry().root == tmp_path / "bulbseg" / "models"
+    store = CorrectionStore("stack", (3, 8, 8), "/data/stack.tif")
+    assert store.folder.parent == tmp_path / "bulbseg" / "corrections"  # the same home

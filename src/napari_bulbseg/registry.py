@@ -31,6 +31,7 @@ import torch
 
 from .atomic import write_text_atomic
 from .errors import ModelError
+from .home import ENV_HOME, user_home
 from .model import (
     CARD_NAME,
     WEIGHTS_NAME,
@@ -43,7 +44,6 @@ from .model import (
     save_model,
 )
 
-ENV_HOME = "NAPARI_BULBSEG_HOME"
 BUNDLED = "bundled"
 CURRENT_FILE = "current.json"
 _ID_RE = re.compile(r"^v(\d{3,})$")
@@ -56,12 +56,7 @@ _REF_LEN = 12
 
 def default_root() -> Path:
     """``$NAPARI_BULBSEG_HOME/models`` if set, else ``<user data dir>/napari-bulbseg/models``."""
-    home = os.environ.get(ENV_HOME)
-    if home:
-        return Path(home).expanduser() / "models"
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("napari-bulbseg", appauthor=False)) / "models"
+    return user_home() / "models"
 
 
 def bundled_ref(card: ModelCard | None = None) -> str:

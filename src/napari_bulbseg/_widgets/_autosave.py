@@ -1,21 +1,11 @@
-"""Autosave of corrections: a per-image folder in the user data dir, restored after a crash.
+"""The widgets' autosave of corrections: debounced, in a worker, never losing a painted pixel.
 
-Layout (``<home>/corrections/<image-stem>-<key>/``)::
-
-    corrections.tif   the corrections stack, 0/255 (written atomically by io.write_mask)
-    state.json        image name, source path, shape, reviewed slices, time of the save
-
-``<home>`` is ``$NAPARI_BULBSEG_HOME`` or the platform's user data dir. The key hashes the
-image's source path (or its layer name) and shape, so reopening the same file finds its edits.
+Where and how corrections are stored is the engine's :mod:`napari_bulbseg.corrections`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
-import os
-import re
 import threading
 import zlib
 from pathlib import Path
@@ -25,27 +15,9 @@ import numpy as np
 from napari.utils.notifications import show_warning
 from qtpy.QtCore import QTimer
 
+from ..corrections import CorrectionStore
 from . import _text as T
 from ._jobs import start_job
-
-STATE = "state.json"
-MASK = "corrections.tif"
-
-
-def bulbseg_home() -> Path:
-    env = os.environ.get("NAPARI_BULBSEG_HOME")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("napari-bulbseg", appauthor=False))
-
-
-def image_key(name: str, shape: tuple[int, ...], source: str | None = None) -> str:
-    """Folder name for an image: readable stem + hash of its source (or name) and shape."""
-    ident = f"{source or name}|{tuple(int(s) for s in shape)}"
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source).stem if source else name)[:40]
-    return f"{stem}-{hashlib.sha1(ident.encode()).hexdigest()[:10]}"
 
 
 def saved_when(saved_at: Any, now: _dt.datetime | None = None) -> str:
@@ -64,54 +36,6 @@ def saved_when(saved_at: Any, now: _dt.datetime | None = None) -> str:
     if when.date() == today - _dt.timedelta(days=1):
         return T.WHEN_YESTERDAY.format(hm=hm)
     return T.WHEN_DATE.format(day=when.day, month_year=f"{when:%b %Y}", hm=hm)
-
-
-class CorrectionStore:
-    """Saved corrections and reviewed flags of one image."""
-
-    def __init__(self, name: str, shape: tuple[int, ...], source: str | None = None) -> None:
-        self.name, self.shape, self.source = name, tuple(int(s) for s in shape), source
-        self.folder = bulbseg_home() / "corrections" / image_key(name, self.shape, source)
-
-    @property
-    def mask_path(self) -> Path:
-        return self.folder / MASK
-
-    def exists(self) -> bool:
-        return (self.folder / STATE).is_file() and self.mask_path.is_file()
-
-    def info(self) -> dict[str, Any]:
-        """The saved state (name, shape, reviewed, saved_at); empty when unreadable."""
-        try:
-            return json.loads((self.folder / STATE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-
-    def save(self, mask: np.ndarray, reviewed: set[int]) -> Path:
-        """Write the mask (atomic) then the state JSON (atomic)."""
-        from ..atomic import write_text_atomic
-        from ..io import write_mask
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_mask(self.mask_path, (np.asarray(mask) > 0).astype(np.uint8))
-        state = {
-            "name": self.name,
-            "source": self.source,
-            "shape": list(self.shape),
-            "reviewed": sorted(int(z) for z in reviewed),
-            "saved_at": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        }
-        write_text_atomic(self.folder / STATE, json.dumps(state, indent=1))
-        return self.mask_path
-
-    def load(self) -> tuple[np.ndarray, set[int]]:
-        """The saved mask, shaped like the image, and the reviewed slices."""
-        from ..io import read_mask
-
-        mask = read_mask(self.mask_path)
-        if mask.ndim == 2 and len(self.shape) == 3:
-            mask = mask[None]
-        return mask.reshape(self.shape), {int(z) for z in self.info().get("reviewed", [])}
 
 
 class AutoSaver:

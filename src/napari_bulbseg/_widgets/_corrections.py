@@ -10,8 +10,9 @@ from napari.utils.notifications import show_info, show_warning
 from psygnal import Signal
 from qtpy.QtCore import QEvent, QObject
 
+from ..corrections import CorrectionStore
 from . import _text as T
-from ._autosave import AutoSaver, CorrectionStore, saved_when
+from ._autosave import AutoSaver, saved_when
 from ._layers import CORR_RGBA, binary_colormap, upsert_labels
 
 _EDIT_EVENTS = ("paint", "data", "set_data")

@@ -45,6 +45,24 @@ def _guarded(gen: Generator[Any, Any, Any]) -> Generator[Any, Any, Any]:
     return result
 
 
+def _while_alive(fn: Callable[..., Any] | None) -> Callable[..., Any] | None:
+    """``fn``, except that a job ending after its dock was closed (its Qt widgets deleted)
+    does nothing instead of raising into Qt's event loop."""
+    if fn is None:
+        return None
+
+    def call(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except RuntimeError as e:
+            if "has been deleted" not in str(e):
+                raise
+            log.debug("a job ended after its widget was closed: %s", e)
+            return None
+
+    return call
+
+
 def start_job(
     gen: Generator[Any, Any, Any],
     *,
@@ -65,6 +83,9 @@ def start_job(
     """
     results: list[Any] = []  # the generator's return value, once it has one
     settled: list[bool] = []  # returned or aborted was delivered
+    on_yield, on_done, on_error, on_abort, on_finish = (
+        _while_alive(f) for f in (on_yield, on_done, on_error, on_abort, on_finish)
+    )
 
     def _work() -> Generator[Any, Any, Any]:
         result = yield from _guarded(gen)
