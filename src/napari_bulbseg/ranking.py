@@ -8,9 +8,9 @@ Nothing here needs ground truth or another forward pass. Each slice gets
   positives plus false negatives over expected predicted-plus-true area (floored at half the
   stack's typical object area). Shown to the user: "31 % expected error";
 * ``error_share`` — the same expected wrong pixels over the *stack's* mean expected area: how
-  much of a typical slice's worth of objects is likely wrong here. This is what enters the score,
-  because the stack's pooled Dice counts pixels: a nearly empty end slice with a few doubtful
-  pixels is 100 % uncertain but matters little, a full slice with a doubtful rim matters more;
+  much of a typical slice's worth of objects is likely wrong here (reported, e.g. to sort the
+  CSV by impact on the stack's pooled Dice; not part of the score, which was measured with the
+  per-slice ``expected_error``);
 * ``extra_objects`` — objects beyond the rule the user set (keep the N largest, or the expected
   maximum count), counted before keep-N removes them: the model saw more than there should be;
 * ``specks`` — objects in the shown mask smaller than a fifth of the stack's typical object:
@@ -18,7 +18,7 @@ Nothing here needs ground truth or another forward pass. Each slice gets
 * ``area_change`` — in a stack, how far the slice's foreground area departs from the mean of its
   neighbours (relative): a bulb that vanishes for one slice is suspect.
 
-``score = error_share + 0.25·min(extra, 4) + 0.05·min(specks, 10) + 0.5·min(area_change, 1)``;
+``score = expected_error + 0.25·min(extra, 4) + 0.05·min(specks, 10) + 0.5·min(area_change, 1)``;
 higher is more worth correcting. :func:`rank` orders by it and, in a stack, defers a slice
 whose neighbour is already ahead of it in the list (adjacent slices are near-duplicates: the
 second teaches little). The weights are round numbers, not fitted; what ranking by it buys over
