@@ -206,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, counts 2 3, 5 s")
+    ap.add_argument(
+        "--score-term",
+        default="expected_error",
+        choices=["expected_error", "error_share"],
+        help="the queue's error term (ranking.SCORE_TERM); exploration",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.counts, args.seeds, args.budget, args.pool_max = [2, 3], 1, 5.0, 8
@@ -217,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     from napari_bulbseg.training import evaluate_model
 
     torch.set_num_threads(1)
+    from napari_bulbseg import ranking
+
+    ranking.SCORE_TERM = args.score_term
     base = load_model(Registry().resolve(args.base))
     pool, held, is_stack = load_source(args.source, args.data, args.pool_max, 0)
     if args.quick:
@@ -238,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = summarise(rows, args.counts, base_dice)
     print("\n".join(lines))
     info = {
-        "source": args.source, "base": base.name, "pool": len(pool), "held_out": len(held),
+        "source": args.source, "base": base.name, "score_term": args.score_term,
+        "pool": len(pool), "held_out": len(held),
         "budget_s": args.budget, "seeds": args.seeds, "counts": args.counts,
         "base_dice": base_dice, "wall_s": round(time.perf_counter() - t0, 1), "rows": rows,
         "summary": lines,

@@ -47,6 +47,10 @@ W_EXTRA, W_SPECKS, W_AREA = 0.25, 0.05, 0.5
 SPECK_FRACTION = 0.2
 #: probabilities this close to 0 or 1 count as certain in the expected error
 CONFIDENT = 0.05
+#: which error term enters the score: "expected_error" (per slice; the default, measured in
+#: docs/hitl.md) or "error_share" (over the stack's mean area; benchmarks/bench_hitl.py
+#: --score-term compares them)
+SCORE_TERM = "expected_error"
 #: the expected-error denominator is at least this many pixels (and half a typical object)
 MIN_FLOOR_PX = 64.0
 
@@ -174,7 +178,10 @@ def _combine(
                 ref = float(np.mean(nb))
                 change = abs(r.shown - ref) / max(r.shown, ref, floor)
         score = (
-            err + W_EXTRA * min(extra, 4) + W_SPECKS * min(specks, 10) + W_AREA * min(change, 1.0)
+            (share if SCORE_TERM == "error_share" else err)
+            + W_EXTRA * min(extra, 4)
+            + W_SPECKS * min(specks, 10)
+            + W_AREA * min(change, 1.0)
         )
         out.append(
             SliceScore(
