@@ -179,3 +179,17 @@ def test_evaluate_pairs_gt_named_truth_with_predicted_masks(tmp_path, capsys):
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "1.0000" in out.out and "no prediction" not in out.err
+
+
+def test_predict_says_when_t_and_z_are_read_as_one_run_of_slices(tmp_path, tiny_model_dir, capsys):
+    """A 5-D OME-TIFF (T, C=1, Z, Y, X) is predicted slice by slice, and the user is told."""
+    data = np.random.default_rng(0).integers(0, 4000, (2, 1, 3, 32, 32), dtype=np.uint16)
+    path = tmp_path / "timelapse.ome.tif"
+    tifffile.imwrite(path, data, ome=True, metadata={"axes": "TCZYX"})
+    out = tmp_path / "out"
+    rc = main(["predict", str(path), "-o", str(out), "--model", str(tiny_model_dir),
+               "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "timelapse.ome.tif: axes" in err and "6 slices" in err
+    assert read_mask(out / "timelapse_mask.tif").shape[0] == 6

@@ -300,6 +300,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             on_written=folder.record,
         )
         record = _run_with_bar(gen, _printable(f"[{i}/{len(files)}] {f.name}"))
+        for note in record.read_notes:  # e.g. T and Z axes read as one run of slices
+            print(_printable(f"{f.name}: {note}"), file=sys.stderr)
         if record.scale_message:
             print(_printable(f"{f.name}: {record.scale_message}"), file=sys.stderr)
         mp = folder.path / record.outputs[-1]

@@ -79,6 +79,8 @@ class FileRecord:
     foreground: int | None = None
     diameter_px: float | None = None
     scale_message: str = ""
+    #: what reading the file did that the user should know (axes flattened, series skipped, …)
+    read_notes: tuple[str, ...] = ()
     model_load_s: float = 0.0
     worker: str = ""
     started: float = 0.0
@@ -178,6 +180,7 @@ def iter_predict_file(
         foreground=int(mask.sum()),
         diameter_px=info["diameter_px"],
         scale_message=(scale.message if scale is not None else "") or "",
+        read_notes=tuple(stack.notes),
         worker=_where(),
         started=started,
         ended=time.time(),
