@@ -275,3 +275,29 @@ def test_engine_imports_no_dask():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_user_guides_slurm_example_builds_its_job_script():
+    """The SLURM example in docs/user-guide.md, run as written (without submitting jobs)."""
+    pytest.importorskip("dask_jobqueue")
+    import re
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "user-guide.md").read_text()
+    block = re.search(r"```python\n(from dask_jobqueue import SLURMCluster\n.*?)```", guide, re.S)
+    assert block is not None, "the SLURM example is gone from the user guide"
+    code = "\n".join(
+        line for line in block.group(1).splitlines()
+        if ".scale(" not in line and not line.startswith("print(")  # no sbatch here
+    )  # fmt: skip
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - our own documentation's example
+    cluster = scope["cluster"]
+    try:
+        script = cluster.job_script()
+        assert "#SBATCH --gres=gpu:1" in script and "#SBATCH -t 04:00:00" in script
+        assert "#SBATCH --cpus-per-task=8" in script
+        assert "distributed.cli.dask_worker" in script and cluster.scheduler_address in script
+        assert cluster.scheduler_address.startswith("tcp://")  # what --scheduler takes
+    finally:
+        cluster.close()
