@@ -291,7 +291,7 @@ def test_the_user_guides_slurm_example_builds_its_job_script():
         if ".scale(" not in line and not line.startswith("print(")  # no sbatch here
     )  # fmt: skip
     scope: dict = {}
-    exec(code, scope)  # noqa: S102 - our own documentation's example
+    exec(code, scope)  # our own documentation's example
     cluster = scope["cluster"]
     try:
         script = cluster.job_script()
