@@ -73,7 +73,8 @@ class FinetuneWidget(Container):
         self._worker: Any = None
         self._cancel = threading.Event()
         self.result: Any = None
-        warm_imports("napari_bulbseg.training")
+        # the first optimiser imports torch._dynamo (~0.3 s holding the GIL): not at Start
+        warm_imports("napari_bulbseg.training", "torch._dynamo", "torch.optim")
         self.ready_lbl = text_label(T.LBL_NEED_REVIEW)
         self.loss = ComboBox(label="Loss", choices=LOSSES, value="focal+dice", tooltip=T.TIP_LOSS)
         self.epochs = SpinBox(label="Epochs", value=10, min=1, max=1000, tooltip=T.TIP_EPOCHS)
