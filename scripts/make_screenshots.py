@@ -116,8 +116,12 @@ def make_viewer(docks_for: dict):
         a.menu() for a in viewer.window.plugins_menu.actions() if a.text() == "napari-bulbseg"
     )
     actions = {a.text().replace("&&", "&"): a for a in plugin_menu.actions()}
+    from qtpy.QtWidgets import QApplication
+
     for title in docks_for.values():
         actions[f"{title} (napari-bulbseg)"].trigger()
+    for _ in range(20):  # the docks stack as tabs on the next turns of the event loop
+        QApplication.processEvents()
     widgets, docks = {}, {}
     for k, title in docks_for.items():
         # already docked by the menu action: napari hands back the same dock and widget
