@@ -51,6 +51,24 @@ def _segment_with(seg, qtbot, s, model_dir):
     s.flush()
 
 
+def _corrected_bulbs(viewer, qtbot, tmp_path, n=6, shift=0.0):
+    """Open a bulb stack, segment it with an untrained model, start corrections and copy the
+    ground truth into them (the model's mask is uninformative); returns the session and docks."""
+    from napari_bulbseg._widgets._session import get_session
+
+    _open_bulbs(viewer, tmp_path, n=n)
+    s = get_session(viewer)
+    seg = open_dock(viewer, "Segment")
+    rw = open_dock(viewer, "Review & correct")
+    ft = open_dock(viewer, "Fine-tune")
+    _segment_with(seg, qtbot, s, _model(tmp_path, "a", threshold=0.5, shift=shift))
+    rw.start_corrections()
+    gt, corr = viewer.layers["bulbs ground truth"], s.corrections.layer
+    idx = np.nonzero(gt.data != corr.data)
+    corr.data_setitem(idx, gt.data[idx])
+    return s, seg, rw, ft
+
+
 def test_new_model_keeps_rules_and_untouched_corrections_follow(
     make_napari_viewer, qtbot, tmp_path, bulbseg_home
 ):
@@ -130,20 +148,8 @@ def test_stroke_just_before_close_is_saved(make_napari_viewer, qtbot, tmp_path, 
 
 
 def test_finetune_says_what_it_will_train_on(make_napari_viewer, qtbot, tmp_path, bulbseg_home):
-    from napari_bulbseg._widgets._session import get_session
-
     viewer = make_napari_viewer()
-    _open_bulbs(viewer, tmp_path, n=6)
-    s = get_session(viewer)
-    seg = open_dock(viewer, "Segment")
-    rw = open_dock(viewer, "Review & correct")
-    ft = open_dock(viewer, "Fine-tune")
-    _segment_with(seg, qtbot, s, _model(tmp_path, "a", threshold=0.5))
-    rw.start_corrections()
-    # the untrained model's mask is uninformative; corrections copy the ground truth in
-    gt, corr = viewer.layers["bulbs ground truth"], s.corrections.layer
-    idx = np.nonzero(gt.data != corr.data)
-    corr.data_setitem(idx, gt.data[idx])
+    s, _seg, _rw, ft = _corrected_bulbs(viewer, qtbot, tmp_path)
     assert ft.budget.value > 0  # a time budget by default
     s.set_reviewed(0, True)
     assert "review one more" in ft.ready_lbl.value  # the panel and the button agree
@@ -170,21 +176,11 @@ def test_a_version_that_is_not_better_is_saved_but_not_made_current(
 ):
     import napari_bulbseg.training as training
     from napari_bulbseg._widgets._models import get_registry
-    from napari_bulbseg._widgets._session import get_session
 
     # every new model now counts as "finds nothing": the widget must keep the user's model
     monkeypatch.setattr(training, "MIN_USEFUL_DICE", 1.01)
     viewer = make_napari_viewer()
-    _open_bulbs(viewer, tmp_path, n=6)
-    s = get_session(viewer)
-    seg = open_dock(viewer, "Segment")
-    rw = open_dock(viewer, "Review & correct")
-    ft = open_dock(viewer, "Fine-tune")
-    _segment_with(seg, qtbot, s, _model(tmp_path, "a", threshold=0.5))
-    rw.start_corrections()
-    gt, corr = viewer.layers["bulbs ground truth"], s.corrections.layer
-    idx = np.nonzero(gt.data != corr.data)
-    corr.data_setitem(idx, gt.data[idx])
+    s, _seg, _rw, ft = _corrected_bulbs(viewer, qtbot, tmp_path)
     for z in range(6):
         s.set_reviewed(z, True)
     loaded, version = s.loaded, s.model_version

@@ -10,7 +10,7 @@ pytest.importorskip("napari")
 
 from conftest import open_dock
 from napari_bulbseg.ranking import rank, score_stack
-from test_napari_loop import _model, _open_bulbs, _segment_with
+from test_napari_loop import _corrected_bulbs, _model, _open_bulbs, _segment_with
 
 pytestmark = pytest.mark.gui
 
@@ -100,19 +100,8 @@ def test_rounds_fine_tune_then_predict_and_refresh_the_queue(
 ):
     """Fine-tune → the stack is predicted again with the new version → the queue is rescored;
     twice; the panel lists both rounds."""
-    from napari_bulbseg._widgets._session import get_session
-
     viewer = make_napari_viewer()
-    _open_bulbs(viewer, tmp_path, n=6)
-    s = get_session(viewer)
-    seg = open_dock(viewer, "Segment")
-    rw = open_dock(viewer, "Review & correct")
-    ft = open_dock(viewer, "Fine-tune")
-    _segment_with(seg, qtbot, s, _model(tmp_path, "a", threshold=0.5, shift=0.3))
-    rw.start_corrections()
-    gt, corr = viewer.layers["bulbs ground truth"], s.corrections.layer
-    idx = np.nonzero(gt.data != corr.data)
-    corr.data_setitem(idx, gt.data[idx])
+    s, seg, rw, ft = _corrected_bulbs(viewer, qtbot, tmp_path, shift=0.3)
     for z in (0, 2, 4):
         s.set_reviewed(z, True)
     qtbot.waitUntil(lambda: not rw.queue.busy and rw.queue.count() == 3, timeout=10000)

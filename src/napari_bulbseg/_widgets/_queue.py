@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -103,15 +102,13 @@ class CorrectNextQueue(QListWidget):
             self._again = True
             return
         self.scores = scores
-        with contextlib.suppress(RuntimeError):  # the dock was closed while the job ran
-            self.refill()
+        self.refill()
 
     def _finished(self) -> None:
         self._worker = None
         if self._again:
             self._again = False
-            with contextlib.suppress(RuntimeError):  # the dock was closed while the job ran
-                self.recompute()
+            self.recompute()
 
     # ------------------------------------------------------------------ the list
     def ranked(self) -> list[Any]:
