@@ -137,6 +137,7 @@ def run_ours(
         seed=args.seed,
         channel_mode=args.channel_mode,
         freeze_bn=args.freeze_bn,
+        start=args.start,
         num_threads=args.threads,
         device="cpu",
     )
@@ -211,6 +212,7 @@ def run_ours(
         "steps_run": card.training["steps_run"],
         "channel_policy": card.channel_policy,
         "freeze_bn": card.training["freeze_bn"],
+        "start": card.training.get("start"),
         "val_threshold_curve": [[t, round(d, 4)] for t, d in card.threshold_curve],
     }
     run.info["config"]["time_budget_s"] = args.budget
@@ -356,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--loss", default=None)
     g.add_argument("--channel-mode", default=None, choices=["adapt", "convert"])
     g.add_argument("--freeze-bn", default=None, choices=["auto", "true", "false"])
+    g.add_argument("--start", default=None, choices=["auto", "base", "scratch"])
     args = ap.parse_args(argv)
 
     import torch
@@ -373,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         "lr",
         "loss",
         "channel_mode",
+        "start",
     ):
         if getattr(args, name) is None:
             setattr(args, name, getattr(defaults, name))

@@ -25,7 +25,7 @@ from .io import (
     prob_files,
     slice_files,
 )
-from .options import LOSS_NAMES
+from .options import LOSS_NAMES, START_MODES
 
 # --------------------------------------------------------------------------- progress display
 
@@ -442,7 +442,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .registry import Registry
     from .training import TrainConfig, iter_train
 
-    kw: dict[str, Any] = {"loss": args.loss, "seed": args.seed, "device": args.device}
+    kw: dict[str, Any] = {
+        "loss": args.loss, "seed": args.seed, "device": args.device, "start": args.start,
+    }  # fmt: skip
     for name in ("epochs", "batch_size", "patch_size", "lr", "steps_per_epoch"):
         v = getattr(args, name)
         if v is not None:
@@ -660,6 +662,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="base",
         default=None,
         help="fine-tune this model ('bundled', a folder or a version id)",
+    )
+    p.add_argument(
+        "--start",
+        choices=START_MODES,
+        default="auto",
+        help="with --from: begin from its weights ('base'), from new weights ('scratch'), or "
+        "'auto': when the base does badly on the validation images, try both briefly and "
+        "keep the better (default)",
     )
     p.add_argument("--name", default="model")
     p.add_argument("--loss", default="focal+dice", help="one of " + ", ".join(LOSS_NAMES))

@@ -17,3 +17,6 @@ DEFAULT_BATCH_SIZE = 4
 
 #: the training losses ``losses.make_loss`` builds (the command line's ``--loss`` lists them)
 LOSS_NAMES = ("bce", "focal", "dice", "focal+dice", "bce+dice")
+#: where a fine-tune starts: ``"base"`` (the base model's weights), ``"scratch"`` (new weights,
+#: the base's architecture, normalisation and scale) or ``"auto"`` (``TrainRun.choose_start``)
+START_MODES = ("auto", "base", "scratch")

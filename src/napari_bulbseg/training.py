@@ -21,6 +21,7 @@ Safety rules:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 import os
@@ -64,12 +65,19 @@ from .model import (
 )
 from .model import software_versions as _software_versions
 from .normalize import Normalization, prepare_image
+from .options import START_MODES
 
 if TYPE_CHECKING:
     from .registry import Registry
 
 OPTIMIZERS = ("adam", "adamw")
 CHANNEL_MODES = ("adapt", "convert")
+#: ``start="auto"`` tries training from scratch only when the base model's validation Dice
+#: before fine-tuning is below this: a base that already finds the objects is the better start
+PROBE_BELOW_DICE = 0.5
+#: ... and gives each of the two starts this share of the time budget (at most one epoch's
+#: steps) before keeping the one with the better validation Dice
+PROBE_SHARE = 0.15
 #: with fewer validation images than this, the best-epoch choice and the threshold sweep are
 #: noise (measured in docs/benchmarks.md, fine-tuning): keep the last weights and threshold 0.5
 MIN_VAL_IMAGES_FOR_SELECTION = 3
@@ -96,6 +104,9 @@ class TrainConfig:
     ``diameter``: rescale every image so its median object (from the mask) is this many pixels
     across, and record it in the card (fine-tuning uses the base model's diameter instead);
     ``scale_range``: random zoom ``(low, high)`` of each patch on top (scale augmentation).
+    ``start`` (fine-tuning only): begin from the base's weights, from new weights, or
+    ``"auto"``: when the base does badly on the validation slices, train both starts briefly
+    and continue with the better one (:meth:`TrainRun.choose_start`; recorded in the card).
     ``require_improvement``: a new registry version becomes current only when it beats its
     base on the validation slices and finds objects there (:meth:`TrainRun.judge`); with
     False it becomes current regardless, and the verdict still says when it should not have.
@@ -132,6 +143,7 @@ class TrainConfig:
     diameter: float | None = None
     scale_range: tuple[float, float] | None = None
     require_improvement: bool = True
+    start: str = "auto"
 
     def validate(self) -> None:
         """Raise :class:`InputError` naming the first invalid setting."""
@@ -161,6 +173,8 @@ class TrainConfig:
             raise bad("channel_mode", f"use one of {', '.join(CHANNEL_MODES)}")
         if self.weights_dtype not in ("float32", "float16"):
             raise bad("weights_dtype", "use float32 or float16")
+        if self.start not in START_MODES:
+            raise bad("start", f"use one of {', '.join(START_MODES)}")
         if self.freeze_bn not in (True, False, "auto"):
             raise bad("freeze_bn", "use True, False or 'auto'")
         if not 0.0 < self.plateau_factor < 1.0:
@@ -229,6 +243,14 @@ class TrainResult:
     def val_dice(self) -> float:
         return float(self.card.metrics["val"]["dice"])
 
+    @property
+    def start_note(self) -> str:
+        """Says so when an automatic start chose new weights over the base model's."""
+        start = self.card.training.get("start", {})
+        if start.get("mode") == "auto" and start.get("chosen") == "scratch":
+            return f"trained from new weights, not the base model's: {start.get('reason', '')}"
+        return ""
+
     def summary(self) -> str:
         """One line for a terminal: where it went, validation Dice, threshold, why it stopped."""
         where = self.version_id or (str(self.path) if self.path else "not saved")
@@ -236,7 +258,7 @@ class TrainResult:
             f"{self.card.name} → {where}: validation Dice {self.val_dice:.4f} at threshold "
             f"{self.threshold:.2f} (best epoch {self.best_epoch}, {self.stop_reason})"
         )
-        return f"{line}\n{self.verdict}" if self.verdict else line
+        return "\n".join(x for x in (line, self.start_note, self.verdict) if x)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -412,6 +434,7 @@ class TrainRun:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_val: Validation | None = None
         self.bad_epochs = 0
+        self._base_scores: dict[str, float] | None = None
         self._step_time = self._val_time = 0.0
         self.t0 = time.perf_counter()
 
@@ -455,19 +478,12 @@ class TrainRun:
         self.in_c, self.policy, self.adaptation = _channel_plan(data_c, base, config)
         self.prep = _prep_policy(self.policy)
 
-        if base is None:
-            self.norm = Normalization.from_dict(config.normalization or {})
-            model = UNet(UNetConfig(self.in_c, 1, config.base_channels, config.depth))
-        else:
-            self.norm = base.card.norm
-            model = copy.deepcopy(base.model).to("cpu")
-            if self.adaptation is not None:
-                model = adapt_input_channels(model, self.in_c)
-        self.model = model.to(self.device).train()
-        fb = config.freeze_bn
-        self.freeze_bn = (base is not None) if fb == "auto" else bool(fb)
-        if self.freeze_bn:
-            _set_bn_eval(self.model)
+        self.norm = (
+            Normalization.from_dict(config.normalization or {}) if base is None else base.card.norm
+        )
+        self.start_info: dict[str, Any] = {"mode": config.start if base is not None else "scratch"}
+        self.scratch = base is None or config.start == "scratch"
+        self.build_model(self.scratch)
 
         self.diameter = config.diameter if base is None else base.card.diameter
         prep_args = (self.in_c, self.norm, self.prep, config.center_crop, self.diameter)
@@ -485,6 +501,31 @@ class TrainRun:
             weights=weights,
         )
         self.loss_fn = make_loss(config.loss, **config.loss_params)
+        self.build_optimizer()
+        self.total = config.epochs * config.steps_per_epoch
+        self.few_val = len(self.val_p) < MIN_VAL_IMAGES_FOR_SELECTION
+
+    def build_model(self, scratch: bool) -> None:
+        """The run's model: the base's weights (channels adapted when needed) or, with
+        ``scratch``, new weights of the base's architecture (a plain run's without a base)."""
+        config, base = self.config, self.base
+        torch.manual_seed(config.seed)
+        if base is None:
+            model = UNet(UNetConfig(self.in_c, 1, config.base_channels, config.depth))
+        elif scratch:
+            model = UNet(dataclasses.replace(base.model.config, in_channels=self.in_c))
+        else:
+            model = copy.deepcopy(base.model).to("cpu")
+            if self.adaptation is not None:
+                model = adapt_input_channels(model, self.in_c)
+        self.model = model.to(self.device).train()
+        fb = config.freeze_bn
+        self.freeze_bn = (not scratch) if fb == "auto" else bool(fb)
+        if self.freeze_bn:
+            _set_bn_eval(self.model)
+
+    def build_optimizer(self) -> None:
+        config = self.config
         opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
         self.opt = opt_cls(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -494,8 +535,73 @@ class TrainRun:
             patience=config.plateau_patience,
             min_lr=config.min_lr,
         )
-        self.total = config.epochs * config.steps_per_epoch
-        self.few_val = len(self.val_p) < MIN_VAL_IMAGES_FOR_SELECTION
+
+    def base_scores(self) -> dict[str, float]:
+        """The base model on the validation slices, as :meth:`judge` scores it (computed once)."""
+        if self._base_scores is None:
+            self._base_scores = evaluate_model(self.base, self.val_s)
+        return self._base_scores
+
+    def choose_start(self) -> Generator[TrainProgress, None, None]:
+        """``start="auto"``: keep the base's weights when the base already does well on the
+        validation slices (Dice >= :data:`PROBE_BELOW_DICE`); otherwise train from the base
+        and from scratch for the same steps on the same patches (:data:`PROBE_SHARE` of the
+        time budget each, at most one epoch), validate both and go on with the better one —
+        the base on a tie. The answer is in the card (``training.start``)."""
+        before = self.base_scores()["dice"]
+        info = self.start_info
+        info["base_dice_before"] = round(before, 4)
+        if before >= PROBE_BELOW_DICE:
+            info.update(chosen="base", reason=f"the base model reaches Dice {before:.3f} here")
+            return
+        n = self.config.steps_per_epoch
+        budget = self.config.time_budget_s
+        limit = None if budget is None else PROBE_SHARE * budget
+        rng_state = copy.deepcopy(self.rng.bit_generator.state)
+        self.total += 2 * n
+        arms: dict[str, tuple[float, Any]] = {}
+        for arm in ("base", "scratch"):
+            self.rng.bit_generator.state = copy.deepcopy(rng_state)  # the same patches for both
+            self.build_model(arm == "scratch")
+            self.build_optimizer()
+            t_arm = time.perf_counter()
+            for i in range(n):
+                self.check_cancel()
+                loss = self.step()
+                msg = f"trying the start from {arm}: step {i + 1}/{n}"
+                yield self._progress(0, loss, 0, message=msg)
+                if arm == "base" and limit is not None and time.perf_counter() - t_arm >= limit:
+                    self.total -= 2 * (n - i - 1)
+                    n = i + 1  # the scratch arm gets as many steps
+                    break
+            gen = self.iter_validate()
+            while True:
+                try:
+                    next(gen)
+                except StopIteration as stop:
+                    val = stop.value
+                    break
+                if _is_cancelled(self.cancel):
+                    gen.close()
+                    self.check_cancel()
+            state = (self.model, self.opt, self.sched, self.freeze_bn)
+            arms[arm] = (val.dice05, (state, copy.deepcopy(self.rng.bit_generator.state)))
+        d_base, d_scratch = arms["base"][0], arms["scratch"][0]
+        chosen = "scratch" if d_scratch > d_base + 1e-4 else "base"
+        (self.model, self.opt, self.sched, self.freeze_bn), rng = arms[chosen][1]
+        self.rng.bit_generator.state = rng
+        self.scratch = chosen == "scratch"
+        self.step_count -= n  # the steps of the start that was dropped
+        self.total -= n
+        info.update(
+            chosen=chosen,
+            probe_steps=n,
+            probe_val_dice={"base": round(d_base, 4), "scratch": round(d_scratch, 4)},
+            reason=(
+                f"after {n} steps each, validation Dice {d_scratch:.3f} from scratch vs "
+                f"{d_base:.3f} from the base model"
+            ),
+        )
 
     # ---- small steps
 
@@ -671,7 +777,8 @@ class TrainRun:
                     "val_digest": _keys_digest(val_keys),
                 },
                 "parent": self.parent,
-                "from_scratch": base is None,
+                "from_scratch": self.scratch,
+                "start": self.start_info,
                 "freeze_bn": self.freeze_bn,
                 "channel_adaptation": self.adaptation,
                 "stop_reason": self.stop_reason,
@@ -702,7 +809,7 @@ class TrainRun:
         new = evaluate_model(LoadedModel(self.model, card, device=self.device), self.val_s)
         base_dice = base_err = None
         if self.base is not None:
-            old = evaluate_model(self.base, self.val_s)
+            old = self.base_scores()
             base_dice, base_err = old["dice"], old["pixel_error"]
         accepted, reason = True, ""
         if has_fg and new["dice"] < MIN_USEFUL_DICE:
@@ -818,6 +925,8 @@ class TrainRun:
     def _events(self) -> Generator[TrainProgress, None, TrainResult]:
         config = self.config
         self.setup()
+        if self.base is not None and config.start == "auto":
+            yield from self.choose_start()
         for epoch in range(1, config.epochs + 1):
             losses: list[float] = []
             out_of_time = False

@@ -236,6 +236,8 @@ class FinetuneWidget(Container):
             before=_fmt(compared.get("base_dice")),
             after=_fmt(compared.get("new_dice")),
         )
+        if result.start_note:  # the base model was a worse start than new weights
+            msg = f"{msg}\n{result.start_note}"
         s = self._session
         self.status.value = T.MSG_TRAIN_DONE.format(
             reason=result.stop_reason.replace("_", " "), epoch=result.best_epoch

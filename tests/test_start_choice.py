@@ -1,0 +1,140 @@
+"""Fine-tuning chooses where to start: the base's weights, or new weights when the base hurts."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from _helpers import discs, tiny_config
+from napari_bulbseg.errors import CancelledError, InputError
+from napari_bulbseg.events import drain
+from napari_bulbseg.model import LoadedModel
+from napari_bulbseg.registry import Registry
+from napari_bulbseg.training import PROBE_BELOW_DICE, TrainRun, iter_train, train
+
+
+def _base(tmp_path, steps: int = 30) -> Registry:
+    reg = Registry(tmp_path / "models")
+    train(tiny_config(epochs=2, steps_per_epoch=steps), discs(8, seed=1), registry=reg)
+    return reg
+
+
+def _dead(loaded: LoadedModel) -> LoadedModel:
+    """The base made useless: every weight zero, so no gradient reaches it but the last bias."""
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            p.zero_()
+    return loaded
+
+
+def test_a_useless_base_is_replaced_by_training_from_scratch(tmp_path):
+    reg = _base(tmp_path, steps=2)
+    base = _dead(reg.load("v001"))
+    cfg = tiny_config(epochs=2, steps_per_epoch=25)
+    result = train(cfg, discs(8, seed=31), val_samples=discs(3, seed=32), base=base, registry=reg)
+    start = result.card.training["start"]
+    assert start["mode"] == "auto" and start["chosen"] == "scratch"
+    assert start["base_dice_before"] < PROBE_BELOW_DICE
+    assert start["probe_val_dice"]["scratch"] > start["probe_val_dice"]["base"]
+    assert result.card.training["from_scratch"] is True
+    assert result.card.training["freeze_bn"] is False  # new weights learn their statistics
+    assert result.card.architecture == base.card.architecture  # the base's shape and scale
+    assert result.card.normalization == base.card.normalization
+    # the probe's dropped arm does not count: one probe arm plus two epochs
+    assert result.card.training["steps_run"] == start["probe_steps"] + 2 * 25
+    saved = reg.load(result.version_id).card  # the record survives the round trip
+    assert saved.training["start"] == start and saved.training["config"]["start"] == "auto"
+    assert result.made_current  # it beats the dead base on the held-out slices
+
+
+def test_a_good_base_is_kept_without_trying_scratch(tmp_path):
+    reg = _base(tmp_path, steps=40)
+    base = reg.load("v001")
+    cfg = tiny_config(epochs=1, steps_per_epoch=5, require_improvement=False)
+    run = TrainRun(cfg, discs(8, seed=31), val_samples=discs(3, seed=32), base=base)
+    msgs = [ev.message for ev in _events(run)]
+    start = run.result.card.training["start"]
+    assert start["base_dice_before"] >= PROBE_BELOW_DICE, start
+    assert start["chosen"] == "base" and "probe_steps" not in start
+    assert not any("trying the start" in m for m in msgs)
+    assert run.result.card.training["steps_run"] == 5 and not run.scratch
+
+
+@pytest.mark.parametrize("mode", ["base", "scratch"])
+def test_a_fixed_start_never_probes(tmp_path, mode):
+    reg = _base(tmp_path, steps=2)
+    base = _dead(reg.load("v001"))
+    cfg = tiny_config(epochs=1, steps_per_epoch=4, start=mode, require_improvement=False)
+    run = TrainRun(cfg, discs(6, seed=31), val_samples=discs(3, seed=32), base=base)
+    msgs = [ev.message for ev in _events(run)]
+    assert not any("trying the start" in m for m in msgs)
+    training = run.result.card.training
+    assert training["start"] == {"mode": mode} and training["from_scratch"] is (mode == "scratch")
+    weights = [p.abs().sum().item() for p in run.result.model.parameters()]
+    if mode == "base":  # dead weights stay dead (only the output bias moves)
+        assert sum(weights[:-1]) == 0.0
+    else:
+        assert sum(weights[:-1]) > 0.0
+
+
+def test_the_probe_is_the_same_on_the_same_seed(tmp_path):
+    reg = _base(tmp_path, steps=2)
+    cfg = tiny_config(epochs=1, steps_per_epoch=6, require_improvement=False)
+    starts = []
+    for _ in range(2):
+        base = _dead(reg.load("v001"))
+        r = train(cfg, discs(6, seed=31), val_samples=discs(3, seed=32), base=base)
+        starts.append(r.card.training["start"])
+    assert starts[0] == starts[1] and "probe_val_dice" in starts[0]
+
+
+def test_cancel_during_the_probe_writes_nothing(tmp_path):
+    reg = _base(tmp_path, steps=2)
+    base = _dead(reg.load("v001"))
+    stop = threading.Event()
+    cfg = tiny_config(epochs=1, steps_per_epoch=10)
+    gen = iter_train(cfg, discs(6, seed=31), val_samples=discs(3, seed=32), base=base,
+                     registry=reg, cancel=stop)  # fmt: skip
+    with pytest.raises(CancelledError):
+        for ev in gen:
+            if "trying the start from scratch" in ev.message:
+                stop.set()
+    assert [v.id for v in reg.list_versions(include_bundled=False)] == ["v001"]
+    assert reg.current() == "v001"
+
+
+def test_an_unknown_start_is_refused():
+    with pytest.raises(InputError, match="start"):
+        tiny_config(start="pretrained").validate()
+
+
+def _events(run: TrainRun):
+    gen = run.events()
+    while True:
+        try:
+            yield next(gen)
+        except StopIteration as stop:
+            run.result = stop.value
+            return
+
+
+def test_drain_returns_the_result_of_a_probing_run(tmp_path):
+    reg = _base(tmp_path, steps=2)
+    cfg = tiny_config(epochs=1, steps_per_epoch=3, require_improvement=False)
+    gen = iter_train(cfg, discs(6, seed=31), val_samples=discs(3, seed=32),
+                     base=_dead(reg.load("v001")))  # fmt: skip
+    result = drain(gen)
+    assert result.card.training["start"]["chosen"] in ("base", "scratch")
+
+
+def test_the_cli_parses_the_start_and_refuses_an_unknown_one(capsys):
+    from napari_bulbseg import cli
+
+    base = ["train", "--images", "i", "--masks", "m"]
+    assert cli.build_parser().parse_args(base).start == "auto"
+    assert cli.build_parser().parse_args([*base, "--start", "scratch"]).start == "scratch"
+    assert cli.main([*base, "--start", "imagenet"]) == 2  # a usage error, not a traceback
+    err = capsys.readouterr().err
+    assert "invalid choice: 'imagenet'" in err and "Traceback" not in err
