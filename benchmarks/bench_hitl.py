@@ -71,25 +71,6 @@ def load_source(name: str, data: Path, pool_max: int, seed: int) -> tuple[list, 
     return pool, held, False
 
 
-def probs_of(loaded: Any, samples: list) -> list[np.ndarray]:
-    """Whole-image probabilities as prediction computes them (the model's normalisation)."""
-    import torch
-
-    from napari_bulbseg.inference import predict_whole
-    from napari_bulbseg.normalize import prepare_image
-    from napari_bulbseg.training import _prep_policy
-
-    card = loaded.card
-    out = []
-    with torch.no_grad():
-        for s in samples:
-            img = prepare_image(
-                s.image, card.in_channels, card.norm, _prep_policy(card.channel_policy)
-            )
-            out.append(predict_whole(loaded.model.eval(), img, loaded.device)[1])
-    return out
-
-
 def pick(
     strategy: str, loaded: Any, pool: list, done: set[int], k: int, rng: np.random.Generator,
     is_stack: bool,
@@ -102,9 +83,10 @@ def pick(
         return sorted(int(i) for i in rng.choice(todo, size=min(k, len(todo)), replace=False))
     from napari_bulbseg.postprocess import PostProcess
     from napari_bulbseg.ranking import rank, score_stack
+    from napari_bulbseg.training import model_probs
 
     spec = PostProcess.from_card(loaded.card)
-    probs = probs_of(loaded, pool)
+    probs = model_probs(loaded, pool)
     if is_stack:  # one stack: neighbours are compared
         scores = score_stack(np.stack(probs), spec, is_stack=True)
     else:  # unrelated images of different sizes: each scored alone

@@ -209,3 +209,18 @@ def test_on_one_or_two_held_out_slices_a_tie_is_used_with_a_note(tmp_path):
     compared = worse.card.metrics["val"]["compared"]
     assert compared["new_dice"] < compared["base_dice"] - 0.05
     assert not worse.made_current and reg.current() == same.version_id
+
+
+def test_model_probs_are_what_evaluate_model_scores():
+    from napari_bulbseg.model import LoadedModel, ModelCard
+    from napari_bulbseg.training import evaluate_model, model_probs
+
+    torch.manual_seed(0)
+    loaded = LoadedModel(UNet(UNetConfig(1, 1, 4, 2)), ModelCard(threshold=0.5))
+    samples = discs(3, seed=5, shape=(40, 56))
+    probs = model_probs(loaded, samples)
+    assert [p.shape for p in probs] == [(40, 56)] * 3 and probs[0].dtype == np.float16
+    m = evaluate_model(loaded, samples, threshold=0.5)
+    assert m["dice"] == pytest.approx(
+        pooled_pixel_metrics(probs, [s.mask for s in samples], 0.5)["dice"], abs=1e-12
+    )

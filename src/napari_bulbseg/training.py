@@ -1025,25 +1025,22 @@ def train(
     return drain(iter_train(config, samples, **kwargs), callback)
 
 
-def evaluate_model(
+def model_probs(
     loaded: LoadedModel,
     samples: Sequence[Sample],
-    threshold: float | None = None,
     policy: str | None = None,
     diameter: float | str | None = None,
-) -> dict[str, float]:
-    """Pooled pixel Dice/IoU/precision/recall of a model on samples, normalised like prediction
-    (whole images, float16 probabilities, ``p >= threshold``).
+) -> list[np.ndarray]:
+    """Whole-image float16 probabilities of ``loaded`` on each sample, normalised as prediction
+    normalises (the card's channel policy and normalisation), at each mask's shape.
 
     ``policy`` overrides the card's channel policy (e.g. ``"luminance"`` for RGB images on a
-    grey model); ``threshold`` defaults to the card's. ``diameter`` (needs a card diameter):
-    ``None`` runs at the image's own scale; a number (px) or ``"mask"`` (each image's true
-    median object diameter, an oracle) rescales the image by ``card.diameter / diameter`` for
-    the U-Net and the probabilities back to the image's shape, scored at the original size.
+    grey model). ``diameter`` (needs a card diameter): ``None`` runs at the image's own scale;
+    a number (px) or ``"mask"`` (each image's true median object diameter, an oracle) rescales
+    the image by ``card.diameter / diameter`` for the U-Net and the probabilities back.
     """
     from .scale import median_diameter, resize_image, resized_shape, zoom_factor
 
-    thr = loaded.card.threshold if threshold is None else float(threshold)
     pol = _prep_policy(policy or loaded.card.channel_policy)
     model = loaded.model.eval()
     probs = []
@@ -1056,6 +1053,23 @@ def evaluate_model(
             if f != 1.0:
                 img = resize_image(img, resized_shape(shape, f))
             probs.append(predict_whole(model, img, loaded.device, out_shape=shape)[1])
+    return probs
+
+
+def evaluate_model(
+    loaded: LoadedModel,
+    samples: Sequence[Sample],
+    threshold: float | None = None,
+    policy: str | None = None,
+    diameter: float | str | None = None,
+) -> dict[str, float]:
+    """Pooled pixel Dice/IoU/precision/recall of a model on samples, normalised like prediction
+    (whole images, float16 probabilities, ``p >= threshold``; :func:`model_probs`), scored at
+    the original size. ``threshold`` defaults to the card's; ``policy`` and ``diameter`` as in
+    :func:`model_probs`.
+    """
+    thr = loaded.card.threshold if threshold is None else float(threshold)
+    probs = model_probs(loaded, samples, policy, diameter)
     m = pooled_pixel_metrics(probs, [s.mask for s in samples], thr)
     return {
         "dice": m["dice"],
