@@ -75,9 +75,11 @@ CHANNEL_MODES = ("adapt", "convert")
 #: ``start="auto"`` tries training from scratch only when the base model's validation Dice
 #: before fine-tuning is below this: a base that already finds the objects is the better start
 PROBE_BELOW_DICE = 0.5
-#: ... and gives each of the two starts this share of the time budget (at most one epoch's
-#: steps) before keeping the one with the better validation Dice
+#: ... and gives each of the two starts this share of the time budget (at least
+#: :data:`MIN_PROBE_STEPS`, at most one epoch's steps) before keeping the one with the better
+#: validation Dice
 PROBE_SHARE = 0.15
+MIN_PROBE_STEPS = 10
 #: with fewer validation images than this, the best-epoch choice and the threshold sweep are
 #: noise (measured in docs/benchmarks.md, fine-tuning): keep the last weights and threshold 0.5
 MIN_VAL_IMAGES_FOR_SELECTION = 3
@@ -546,8 +548,9 @@ class TrainRun:
         """``start="auto"``: keep the base's weights when the base already does well on the
         validation slices (Dice >= :data:`PROBE_BELOW_DICE`); otherwise train from the base
         and from scratch for the same steps on the same patches (:data:`PROBE_SHARE` of the
-        time budget each, at most one epoch), validate both and go on with the better one —
-        the base on a tie. The answer is in the card (``training.start``)."""
+        time budget each, at least :data:`MIN_PROBE_STEPS` steps, at most one epoch), validate
+        both and go on with the better one — the base on a tie. The answer is in the card
+        (``training.start``)."""
         before = self.base_scores()["dice"]
         info = self.start_info
         info["base_dice_before"] = round(before, 4)
@@ -570,7 +573,13 @@ class TrainRun:
                 loss = self.step()
                 msg = f"trying the start from {arm}: step {i + 1}/{n}"
                 yield self._progress(0, loss, 0, message=msg)
-                if arm == "base" and limit is not None and time.perf_counter() - t_arm >= limit:
+                enough = i + 1 >= MIN_PROBE_STEPS
+                if (
+                    arm == "base"
+                    and enough
+                    and limit is not None
+                    and (time.perf_counter() - t_arm >= limit)
+                ):
                     self.total -= 2 * (n - i - 1)
                     n = i + 1  # the scratch arm gets as many steps
                     break
