@@ -118,3 +118,30 @@ def test_single_slice_and_two_slices():
 def test_rejects_bad_arguments(kwargs):
     with pytest.raises(InputError):
         bulb_phantom(**kwargs)
+
+
+def test_membrane_phantom_is_an_em_like_stack_with_interiors_as_foreground():
+    from napari_bulbseg.phantom import membrane_phantom
+
+    img, mask = membrane_phantom(4, (96, 128), seed=3)
+    assert img.shape == mask.shape == (4, 96, 128) and img.dtype == np.uint8
+    assert set(np.unique(mask)) == {0, 1}
+    fg = mask.mean()
+    assert 0.6 < fg < 0.92  # interiors are the majority, membranes thin
+    assert img[mask == 0].mean() < img[mask == 1].mean() - 30  # membranes are dark
+    again, mask2 = membrane_phantom(4, (96, 128), seed=3)
+    assert np.array_equal(img, again) and np.array_equal(mask, mask2)
+    assert not np.array_equal(mask[0], mask[1])  # the cells drift through the stack
+    other, _ = membrane_phantom(4, (96, 128), seed=4)
+    assert not np.array_equal(img, other)
+
+
+@pytest.mark.parametrize(
+    "kw", [{"n_slices": 0}, {"shape": (16, 64)}, {"cell_size": 2.0}, {"cell_size": float("nan")}]
+)
+def test_membrane_phantom_refuses_bad_settings(kw):
+    from napari_bulbseg.errors import InputError
+    from napari_bulbseg.phantom import membrane_phantom
+
+    with pytest.raises(InputError):
+        membrane_phantom(**kw)
