@@ -71,6 +71,10 @@ def load_source(name: str, data: Path, pool_max: int, seed: int) -> tuple[list, 
     return pool, held, False
 
 
+#: the queue's error term (``--score-term``; ranking.SCORE_TERMS)
+SCORE_TERM = "expected_error"
+
+
 def pick(
     strategy: str, loaded: Any, pool: list, done: set[int], k: int, rng: np.random.Generator,
     is_stack: bool,
@@ -88,11 +92,11 @@ def pick(
     spec = PostProcess.from_card(loaded.card)
     probs = model_probs(loaded, pool)
     if is_stack:  # one stack: neighbours are compared
-        scores = score_stack(np.stack(probs), spec, is_stack=True)
+        scores = score_stack(np.stack(probs), spec, is_stack=True, term=SCORE_TERM)
     else:  # unrelated images of different sizes: each scored alone
         scores = []
         for i, p in enumerate(probs):
-            (sc,) = score_stack(p, spec, is_stack=False)
+            (sc,) = score_stack(p, spec, is_stack=False, term=SCORE_TERM)
             scores.append(type(sc)(**{**sc.__dict__, "index": i}))
     return sorted(s.index for s in rank(scores, exclude=done, spread=is_stack)[:k])
 
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "--score-term",
         default="expected_error",
         choices=["expected_error", "error_share"],
-        help="the queue's error term (ranking.SCORE_TERM); exploration",
+        help="the queue's error term (ranking.SCORE_TERMS); exploration",
     )
     args = ap.parse_args(argv)
     if args.quick:
@@ -205,9 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     from napari_bulbseg.training import evaluate_model
 
     torch.set_num_threads(1)
-    from napari_bulbseg import ranking
-
-    ranking.SCORE_TERM = args.score_term
+    global SCORE_TERM
+    SCORE_TERM = args.score_term
     base = load_model(Registry().resolve(args.base))
     pool, held, is_stack = load_source(args.source, args.data, args.pool_max, 0)
     if args.quick:

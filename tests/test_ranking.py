@@ -159,10 +159,8 @@ def test_spread_defers_neighbours_of_listed_and_reviewed_slices():
     assert [s.index for s in rank(scores, exclude={5}, spread=True)] == [2, 0, 3, 1, 4]
 
 
-def test_the_score_term_can_be_the_error_share(monkeypatch):
+def test_the_score_term_can_be_the_error_share():
     """The benchmark's comparison switch: the share favours the slice with more wrong pixels."""
-    from napari_bulbseg import ranking
-
     big, small = np.full((64, 64), 0.02, np.float32), np.full((64, 64), 0.02, np.float32)
     big[_disc((64, 64), 32, 32, 20)] = 0.75  # a large, fairly sure object
     small[_disc((64, 64), 32, 32, 9)] = 0.51  # a small, very doubtful one
@@ -171,5 +169,6 @@ def test_the_score_term_can_be_the_error_share(monkeypatch):
     assert scores[0].expected_error > scores[1].expected_error  # small is relatively worse
     assert scores[1].error_share > scores[0].error_share  # big has more wrong pixels
     assert rank(scores)[0].index == 0
-    monkeypatch.setattr(ranking, "SCORE_TERM", "error_share")
-    assert rank(score_stack(stack, PostProcess(), is_stack=False))[0].index == 1
+    assert rank(score_stack(stack, PostProcess(), is_stack=False, term="error_share"))[0].index == 1
+    with pytest.raises(InputError, match="score term"):
+        score_stack(stack, PostProcess(), term="entropy")

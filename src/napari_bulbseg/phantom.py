@@ -262,7 +262,7 @@ def membrane_phantom(
         raise InputError(f"cell_size must be >= 8 px (got {cell_size})", "")
     rng = np.random.default_rng(seed)
     h, w = shape
-    n_cells = max(4, int(round(h * w / cell_size**2)))
+    n_cells = max(4, round(h * w / cell_size**2))
     pts = rng.uniform((-8, -8), (h + 8, w + 8), size=(n_cells, 2))
     drift = rng.normal(0, 1.5, size=(n_cells, 2))
     yy, xx = np.mgrid[:h, :w].astype(np.float32)

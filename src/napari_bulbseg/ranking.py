@@ -47,10 +47,10 @@ W_EXTRA, W_SPECKS, W_AREA = 0.25, 0.05, 0.5
 SPECK_FRACTION = 0.2
 #: probabilities this close to 0 or 1 count as certain in the expected error
 CONFIDENT = 0.05
-#: which error term enters the score: "expected_error" (per slice; the default, measured in
+#: the error terms a score can use: "expected_error" (per slice; the default, measured in
 #: docs/hitl.md) or "error_share" (over the stack's mean area; benchmarks/bench_hitl.py
 #: --score-term compares them)
-SCORE_TERM = "expected_error"
+SCORE_TERMS = ("expected_error", "error_share")
 #: the expected-error denominator is at least this many pixels (and half a typical object)
 MIN_FLOOR_PX = 64.0
 
@@ -121,12 +121,16 @@ def iter_score_stack(
     is_stack: bool = True,
     slices: Iterable[int] | None = None,
     source: str = "",
+    term: str = "expected_error",
 ) -> Generator[int, None, list[SliceScore]]:
     """Score the slices of a ``(Z, Y, X)`` probability stack (a 2D array is one slice) under
     the post-processing ``spec``; yields each slice index as it is done, returns the scores in
     slice order. ``expected_max`` (> 0) is the most objects a slice should hold when keep-N is
     off; ``is_stack=False`` for unrelated images (no neighbour comparison); ``slices`` limits
-    the work to those indices (e.g. the slices predicted so far)."""
+    the work to those indices (e.g. the slices predicted so far); ``term`` is the error term
+    of the score (one of :data:`SCORE_TERMS`)."""
+    if term not in SCORE_TERMS:
+        raise InputError(f"Unknown score term {term!r}", f"use one of {', '.join(SCORE_TERMS)}")
     if isinstance(expected_max, bool) or not isinstance(expected_max, (int, np.integer)):
         raise InputError(f"expected_max must be a whole number, got {expected_max!r}", "e.g. 2")
     shape = tuple(getattr(prob, "shape", np.shape(prob)))
@@ -144,7 +148,7 @@ def iter_score_stack(
     for z in todo:
         raw[z] = _slice_raw(prob[z], spec)
         yield z
-    return _combine(raw, spec, expected_max, is_stack, source)
+    return _combine(raw, spec, expected_max, is_stack, source, term)
 
 
 def score_stack(prob: Any, spec: PostProcess, expected_max: int = 0, **kw: Any) -> list[SliceScore]:
@@ -153,7 +157,12 @@ def score_stack(prob: Any, spec: PostProcess, expected_max: int = 0, **kw: Any) 
 
 
 def _combine(
-    raw: dict[int, _Raw], spec: PostProcess, expected_max: int, is_stack: bool, source: str
+    raw: dict[int, _Raw],
+    spec: PostProcess,
+    expected_max: int,
+    is_stack: bool,
+    source: str,
+    term: str,
 ) -> list[SliceScore]:
     all_sizes = np.concatenate([r.sizes for r in raw.values()] or [np.zeros(0)])
     typical = float(np.median(all_sizes)) if all_sizes.size else 0.0
@@ -178,7 +187,7 @@ def _combine(
                 ref = float(np.mean(nb))
                 change = abs(r.shown - ref) / max(r.shown, ref, floor)
         score = (
-            (share if SCORE_TERM == "error_share" else err)
+            (share if term == "error_share" else err)
             + W_EXTRA * min(extra, 4)
             + W_SPECKS * min(specks, 10)
             + W_AREA * min(change, 1.0)
