@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_bulbseg.errors import InputError
 from napari_bulbseg.events import drain
 from napari_bulbseg.inference import predict_whole
 from napari_bulbseg.metrics import pooled_counts, pooled_pixel_metrics
@@ -224,3 +225,30 @@ def test_model_probs_are_what_evaluate_model_scores():
     assert m["dice"] == pytest.approx(
         pooled_pixel_metrics(probs, [s.mask for s in samples], 0.5)["dice"], abs=1e-12
     )
+
+
+def test_warm_up_raises_the_learning_rate_from_a_base_but_not_from_new_weights():
+    from napari_bulbseg.model import LoadedModel, ModelCard
+    from napari_bulbseg.training import WARMUP_STEPS
+
+    torch.manual_seed(0)
+    base = LoadedModel(UNet(UNetConfig(1, 1, 4, 2)), ModelCard(threshold=0.5))
+    run = TrainRun(tiny(lr=1e-3, warmup_steps=4, start="base"), discs(6, seed=1),
+                   val_samples=discs(3, seed=2), base=base)  # fmt: skip
+    run.setup()
+    lrs = []
+    for _ in range(6):
+        run.step()
+        lrs.append(run.lr)
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3], rel=1e-9)
+    auto = TrainRun(tiny(start="base"), discs(6, seed=1), val_samples=discs(3, seed=2), base=base)
+    auto.setup()
+    assert auto.warmup == WARMUP_STEPS
+    auto.step()
+    assert auto.lr == pytest.approx(auto.config.lr / WARMUP_STEPS)
+    scratch = TrainRun(tiny(), discs(6, seed=1), val_samples=discs(3, seed=2))
+    scratch.setup()
+    scratch.step()
+    assert scratch.warmup == 0 and scratch.lr == scratch.config.lr
+    with pytest.raises(InputError, match="warmup_steps"):
+        tiny(warmup_steps=-1).validate()

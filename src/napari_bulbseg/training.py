@@ -80,6 +80,10 @@ PROBE_BELOW_DICE = 0.5
 #: validation Dice
 PROBE_SHARE = 0.15
 MIN_PROBE_STEPS = 10
+#: ``warmup_steps=None``: the learning rate rises linearly over this many steps when training
+#: starts from a model's weights (Adam's first steps are full-size whatever the gradient, and
+#: knock a good model off its optimum), and not at all from new weights
+WARMUP_STEPS = 20
 #: with fewer validation images than this, the best-epoch choice and the threshold sweep are
 #: noise (measured in docs/benchmarks.md, fine-tuning): keep the last weights and threshold 0.5
 MIN_VAL_IMAGES_FOR_SELECTION = 3
@@ -109,6 +113,8 @@ class TrainConfig:
     ``start`` (fine-tuning only): begin from the base's weights, from new weights, or
     ``"auto"``: when the base does badly on the validation slices, train both starts briefly
     and continue with the better one (:meth:`TrainRun.choose_start`; recorded in the card).
+    ``warmup_steps``: the learning rate rises linearly to ``lr`` over this many steps
+    (``None``: :data:`WARMUP_STEPS` from a base model's weights, 0 from new weights).
     ``require_improvement``: a new registry version becomes current only when it beats its
     base on the validation slices and finds objects there (:meth:`TrainRun.judge`); with
     False it becomes current regardless, and the verdict still says when it should not have.
@@ -146,6 +152,7 @@ class TrainConfig:
     scale_range: tuple[float, float] | None = None
     require_improvement: bool = True
     start: str = "auto"
+    warmup_steps: int | None = None
 
     def validate(self) -> None:
         """Raise :class:`InputError` naming the first invalid setting."""
@@ -175,6 +182,9 @@ class TrainConfig:
             raise bad("channel_mode", f"use one of {', '.join(CHANNEL_MODES)}")
         if self.weights_dtype not in ("float32", "float16"):
             raise bad("weights_dtype", "use float32 or float16")
+        w = self.warmup_steps
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+            raise bad("warmup_steps", "use a whole number of steps >= 0, or None (automatic)")
         if self.start not in START_MODES:
             raise bad("start", f"use one of {', '.join(START_MODES)}")
         if self.freeze_bn not in (True, False, "auto"):
@@ -523,6 +533,8 @@ class TrainRun:
         self.model = model.to(self.device).train()
         fb = config.freeze_bn
         self.freeze_bn = (not scratch) if fb == "auto" else bool(fb)
+        w = config.warmup_steps
+        self.warmup = (0 if scratch else WARMUP_STEPS) if w is None else int(w)
         if self.freeze_bn:
             _set_bn_eval(self.model)
 
@@ -537,6 +549,7 @@ class TrainRun:
             patience=config.plateau_patience,
             min_lr=config.min_lr,
         )
+        self.arm_steps = 0  # steps of this model and optimiser (the warm-up counts these)
 
     def base_scores(self) -> dict[str, float]:
         """The base model on the validation slices, as :meth:`judge` scores it (computed once)."""
@@ -654,7 +667,12 @@ class TrainRun:
                 "lower the learning rate, check the images for extreme values, or try another loss",
             )
         loss.backward()
+        if self.arm_steps < self.warmup:
+            f = min(1.0, (self.arm_steps + 1) / self.warmup)
+            for group in self.opt.param_groups:
+                group["lr"] = self.config.lr * f
         self.opt.step()
+        self.arm_steps += 1
         self.step_count += 1
         self._step_time += time.perf_counter() - ts
         return lv
@@ -789,6 +807,7 @@ class TrainRun:
                 "from_scratch": self.scratch,
                 "start": self.start_info,
                 "freeze_bn": self.freeze_bn,
+                "warmup_steps": self.warmup,
                 "channel_adaptation": self.adaptation,
                 "stop_reason": self.stop_reason,
                 "epochs_run": len(self.history),
