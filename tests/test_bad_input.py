@@ -357,7 +357,7 @@ def test_cli_read_only_output_folder_simulated(tmp_path, capsys, tiny_model_dir,
     def deny(src, dst):
         raise PermissionError(13, "Permission denied", str(dst))
 
-    monkeypatch.setattr(io.os, "replace", deny)
+    monkeypatch.setattr(os, "replace", deny)  # what atomic_write renames with
     rc, _, err = predict(capsys, tiny_model_dir, img, out)
     one_error_line(rc, err, "Permission denied", "cells_")
     assert files_under(out) == set()  # no temp file, no half-written result

@@ -232,7 +232,7 @@ def test_cli_reports_a_full_disk_in_one_line(tmp_path, tiny_model_dir, capsys, m
     def full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(bio.tifffile, "imwrite", full)
+    monkeypatch.setattr(bio.writing.tifffile, "imwrite", full)
     rc = main(
         ["predict", str(img), "-o", str(out), "--model", str(tiny_model_dir), "--device", "cpu"]
     )
@@ -403,14 +403,14 @@ def test_cancelled_cli_predict_leaves_no_finished_looking_mask(
 def test_interrupt_while_writing_leaves_no_mask(tmp_path, tiny_model_dir, capsys, monkeypatch):
     img = bio.write_tiff(tmp_path / "a.tif", _stack(1, (24, 24))[0])
     out = tmp_path / "out"
-    real = bio.tifffile.imwrite
+    real = bio.writing.tifffile.imwrite
 
     def half_then_ctrl_c(fh, data, **kw):
         real(fh, data, **kw)
         if "mask" in Path(fh.name).name:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(bio.tifffile, "imwrite", half_then_ctrl_c)
+    monkeypatch.setattr(bio.writing.tifffile, "imwrite", half_then_ctrl_c)
     rc = main(
         ["predict", str(img), "-o", str(out), "--model", str(tiny_model_dir), "--device", "cpu"]
     )

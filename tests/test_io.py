@@ -298,12 +298,12 @@ def test_lazy_none_decides_by_size(tmp_path, rng, monkeypatch):
     p = tmp_path / "v.tif"
     tifffile.imwrite(p, vol, metadata={"axes": "ZYX"})
     assert io.read_stack(p).lazy is False
-    monkeypatch.setattr(io, "_available_memory", lambda: 8 * 1024)  # 1/4 = 2 KiB < 4 KiB
+    monkeypatch.setattr(io.memory, "_available_memory", lambda: 8 * 1024)  # 1/4 = 2 KiB < 4 KiB
     st = io.read_stack(p)
     assert st.lazy is True
     np.testing.assert_array_equal(np.asarray(st.data), vol)
-    monkeypatch.setattr(io, "LAZY_MAX_BYTES", 1024)
-    monkeypatch.setattr(io, "_available_memory", lambda: 1024**4)
+    monkeypatch.setattr(io.memory, "LAZY_MAX_BYTES", 1024)
+    monkeypatch.setattr(io.memory, "_available_memory", lambda: 1024**4)
     assert io.read_stack(p).lazy is True  # above the absolute cap
 
 
@@ -413,7 +413,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
         real_imwrite(fh, data, **kw)  # the temp file is fully written ...
         raise OSError(28, "No space left on device")  # ... then the disk "fills up"
 
-    monkeypatch.setattr(io.tifffile, "imwrite", half_then_fail)
+    monkeypatch.setattr(io.writing.tifffile, "imwrite", half_then_fail)
     with pytest.raises(InputError, match="No space left") as exc:
         io.write_mask(p, np.ones((8, 8), bool))
     assert "unchanged" in exc.value.hint
@@ -424,7 +424,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
         fh.write(b"partial")
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(io.tifffile, "imwrite", boom)
+    monkeypatch.setattr(io.writing.tifffile, "imwrite", boom)
     with pytest.raises(RuntimeError):
         io.write_tiff(p, np.ones((8, 8), np.uint8))
     assert p.read_bytes() == before

@@ -375,9 +375,9 @@ class _Plan:
 
 def _free_memory() -> int:
     """Bytes of memory this process may still use (cgroup limit respected)."""
-    from .io import _available_memory
+    from .io import memory
 
-    return _available_memory()
+    return memory._available_memory()
 
 
 @dataclass(frozen=True)
