@@ -252,3 +252,21 @@ def test_warm_up_raises_the_learning_rate_from_a_base_but_not_from_new_weights()
     assert scratch.warmup == 0 and scratch.lr == scratch.config.lr
     with pytest.raises(InputError, match="warmup_steps"):
         tiny(warmup_steps=-1).validate()
+
+
+def test_time_advice_reads_the_validation_curve():
+    from napari_bulbseg.training import time_advice
+
+    def hist(dices, dt=30.0):
+        return [{"val_dice": d, "elapsed_s": dt * (i + 1)} for i, d in enumerate(dices)]
+
+    rising = hist([0.5, 0.55, 0.6, 0.65, 0.7, 0.75])  # +0.1 per minute
+    assert "longer time budget" in time_advice(rising, "time_budget")
+    assert "+0.100 Dice per minute" in time_advice(rising, "time_budget")
+    assert time_advice(rising, "completed") == ""  # it ran all its epochs: nothing to add
+    flat = hist([0.5, 0.7, 0.8, 0.801, 0.8, 0.8005])
+    assert "levelled off" in time_advice(flat, "time_budget")
+    falling = hist([0.8, 0.8, 0.79, 0.78, 0.77, 0.76])
+    assert "unlikely to help" in time_advice(falling, "early_stopping")
+    assert time_advice(hist([0.5, 0.6]), "time_budget") == ""  # too short to tell
+    assert time_advice(hist([0.5, 0.6, 0.7, 0.8], dt=0.0), "time_budget") == ""

@@ -256,6 +256,11 @@ class TrainResult:
         return float(self.card.metrics["val"]["dice"])
 
     @property
+    def time_note(self) -> str:
+        """What more time would likely buy, read off this run's validation curve."""
+        return time_advice(self.history, self.stop_reason)
+
+    @property
     def start_note(self) -> str:
         """Says so when an automatic start chose new weights over the base model's."""
         start = self.card.training.get("start", {})
@@ -270,10 +275,41 @@ class TrainResult:
             f"{self.card.name} → {where}: validation Dice {self.val_dice:.4f} at threshold "
             f"{self.threshold:.2f} (best epoch {self.best_epoch}, {self.stop_reason})"
         )
-        return "\n".join(x for x in (line, self.start_note, self.verdict) if x)
+        return "\n".join(x for x in (line, self.start_note, self.time_note, self.verdict) if x)
 
 
 # --------------------------------------------------------------------------- helpers
+
+#: validation Dice gained per minute (a line fitted over the last half of the epochs) above
+#: which a run stopped by its time budget is called still improving, and below which flat
+RISING_PER_MIN, FLAT_PER_MIN = 0.01, 0.002
+
+
+def time_advice(history: Sequence[dict[str, Any]], stop_reason: str) -> str:
+    """One sentence on whether a longer time budget would likely help, from the validation
+    Dice of the last half of the epochs (at least 3) against their elapsed time; "" when the
+    curve is too short or too noisy to say."""
+    rows = [r for r in history if "val_dice" in r and "elapsed_s" in r]
+    tail = rows[len(rows) // 2 :]
+    if len(tail) < 3:
+        return ""
+    t = np.array([float(r["elapsed_s"]) for r in tail]) / 60.0
+    d = np.array([float(r["val_dice"]) for r in tail])
+    if float(np.ptp(t)) <= 0 or not np.all(np.isfinite(d)):
+        return ""
+    slope = float(np.polyfit(t, d, 1)[0])
+    span = f"{slope:+.3f} Dice per minute over the last {len(tail)} epochs"
+    if slope > RISING_PER_MIN and stop_reason == "time_budget":
+        return (
+            f"Validation Dice was still rising ({span}) when the time ran out: "
+            "a longer time budget would likely give a better model."
+        )
+    if abs(slope) < FLAT_PER_MIN or slope < 0:
+        return (
+            f"Validation Dice had levelled off ({span}): more time is unlikely to help; "
+            "correcting more slices is."
+        )
+    return ""
 
 
 def _beats(new: dict[str, float], base_dice: float, base_err: float | None) -> bool:

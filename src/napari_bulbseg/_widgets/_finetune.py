@@ -236,8 +236,9 @@ class FinetuneWidget(Container):
             before=_fmt(compared.get("base_dice")),
             after=_fmt(compared.get("new_dice")),
         )
-        if result.start_note:  # the base model was a worse start than new weights
-            msg = f"{msg}\n{result.start_note}"
+        for note in (result.start_note, result.time_note):  # new weights; what time would buy
+            if note:
+                msg = f"{msg}\n{note}"
         s = self._session
         self.status.value = T.MSG_TRAIN_DONE.format(
             reason=result.stop_reason.replace("_", " "), epoch=result.best_epoch
