@@ -25,6 +25,7 @@ ENGINE = [
     "napari_bulbseg.cli",
     "napari_bulbseg.bioimageio",
     "napari_bulbseg.options",
+    "napari_bulbseg.review_state",
 ]
 
 

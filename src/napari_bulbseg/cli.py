@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import BulbsegError, CancelledError, InputError
@@ -26,6 +26,15 @@ from .io import (
     slice_files,
 )
 from .options import LOSS_NAMES, START_MODES
+
+if TYPE_CHECKING:
+    import torch
+
+    from .inference import PredictOptions
+    from .metrics import StackMetrics
+    from .model import LoadedModel, ModelCard
+    from .outputs import OutputFolder
+    from .postprocess import PostProcess
 
 # --------------------------------------------------------------------------- progress display
 
@@ -135,13 +144,13 @@ def _collect_inputs(paths: Sequence[str]) -> list[Path]:
     return list(unique.values())
 
 
-def _select_device(device: str) -> Any:
+def _select_device(device: str) -> torch.device:
     from .devices import select_device
 
     return select_device(device)
 
 
-def _load_model(spec: str, device: str) -> Any:
+def _load_model(spec: str, device: str) -> LoadedModel:
     """``bundled``, ``current``, a registry version id, or a model folder (Registry.resolve)."""
     from .model import load_model
     from .registry import Registry
@@ -159,7 +168,7 @@ def _load_model(spec: str, device: str) -> Any:
     return load_model(path, device=_select_device(device))
 
 
-def _prepare_output_dir(path: str) -> Any:
+def _prepare_output_dir(path: str) -> OutputFolder:
     """Create the output folder (or check it) and prove it is writable, before any work."""
     from .outputs import OutputFolder
 
@@ -193,7 +202,7 @@ def _check_unique_outputs(files: Sequence[Path], ignore_case: bool = False) -> N
         seen[key] = f
 
 
-def _postprocess_from(args: argparse.Namespace, card: Any) -> Any:
+def _postprocess_from(args: argparse.Namespace, card: ModelCard) -> PostProcess:
     from .postprocess import PostProcess
 
     return PostProcess.from_card(
@@ -234,7 +243,7 @@ def _add_predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=None)
 
 
-def _predict_options(args: argparse.Namespace) -> Any:
+def _predict_options(args: argparse.Namespace) -> PredictOptions:
     from .inference import PredictOptions
 
     kw: dict[str, Any] = {"device": args.device, "tta": args.tta}
@@ -245,7 +254,7 @@ def _predict_options(args: argparse.Namespace) -> Any:
     return PredictOptions(**kw)
 
 
-def _predict_inputs(args: argparse.Namespace) -> tuple[Any, list[Path]]:
+def _predict_inputs(args: argparse.Namespace) -> tuple[OutputFolder, list[Path]]:
     """The output folder and the inputs of ``predict``, checked before any work (the outputs
     an earlier run wrote into that folder are never inputs)."""
     from .cohort import not_our_outputs
@@ -312,7 +321,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_ranking(probs: list[Path], spec: Any, expected_max: int, dest: str, top: int) -> None:
+def _write_ranking(
+    probs: list[Path], spec: PostProcess, expected_max: int, dest: str, top: int
+) -> None:
     from .ranking import rank, score_files, write_ranking_csv
 
     ranked = rank(score_files(probs, spec, expected_max))
@@ -387,7 +398,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _metrics_ragged(t_planes: list, p_planes: list, match_iou: float) -> Any:
+def _metrics_ragged(t_planes: list, p_planes: list, match_iou: float) -> StackMetrics:
     """Stack metrics over images of different sizes: pool per-slice metrics."""
     from .metrics import StackMetrics, slice_metrics
 
@@ -398,7 +409,7 @@ def _metrics_ragged(t_planes: list, p_planes: list, match_iou: float) -> Any:
     return StackMetrics.from_slices(per)
 
 
-def _print_metrics(result: Any, names: Sequence[str] | None = None) -> None:
+def _print_metrics(result: StackMetrics, names: Sequence[str] | None = None) -> None:
     head = f"{'slice':<40} {'Dice':>7} {'IoU':>7} {'px err':>8} {'hits':>5} {'miss':>5} {'FP':>5}"
     print(head)
     for m in result.per_slice:

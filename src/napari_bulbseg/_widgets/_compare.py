@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Generator, Iterable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import _text as T
 
+if TYPE_CHECKING:
+    from ..metrics import SliceMetrics, StackMetrics
 
-def slice_pixels(truth: np.ndarray, pred: np.ndarray, z: int) -> tuple[np.ndarray, Any, str]:
+
+def slice_pixels(
+    truth: np.ndarray, pred: np.ndarray, z: int
+) -> tuple[np.ndarray, SliceMetrics, str]:
     """Difference map, pixel-only :class:`~napari_bulbseg.metrics.SliceMetrics` (object counts
     left at 0) and label text of slice ``z`` — no object labelling, so it is quick enough for
     the GUI thread at any image size; :func:`slice_objects_job` adds the objects."""
@@ -25,7 +30,9 @@ def slice_pixels(truth: np.ndarray, pred: np.ndarray, z: int) -> tuple[np.ndarra
     return difference_map(t, p), m, text
 
 
-def slice_objects_job(truth: np.ndarray, pred: np.ndarray, z: int) -> Generator[None, None, Any]:
+def slice_objects_job(
+    truth: np.ndarray, pred: np.ndarray, z: int
+) -> Generator[None, None, SliceMetrics]:
     """Worker body: the full metrics of slice ``z`` (object matching labels both masks)."""
     from ..metrics import slice_metrics
 
@@ -35,7 +42,7 @@ def slice_objects_job(truth: np.ndarray, pred: np.ndarray, z: int) -> Generator[
 
 def stack_job(
     truth: np.ndarray, pred: np.ndarray, slices: list[int]
-) -> Generator[None, None, tuple[np.ndarray, Any]]:
+) -> Generator[None, None, tuple[np.ndarray, StackMetrics | None]]:
     """Worker body: the whole stack's difference map and metrics over ``slices`` (or None)."""
     from ..metrics import stack_metrics
     from ..postprocess import difference_map
@@ -45,7 +52,7 @@ def stack_job(
     return diff, (stack_metrics(truth, pred, slices=slices) if slices else None)
 
 
-def summary_text(sm: Any) -> str:
+def summary_text(sm: StackMetrics) -> str:
     """One line for a :class:`~napari_bulbseg.metrics.StackMetrics` summary."""
     m = sm.summary
     return T.LBL_SUMMARY.format(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image, Labels
@@ -14,6 +14,9 @@ from ..corrections import CorrectionStore
 from . import _text as T
 from ._autosave import AutoSaver, saved_when
 from ._layers import CORR_RGBA, binary_colormap, upsert_labels
+
+if TYPE_CHECKING:
+    from ._session import Session
 
 _EDIT_EVENTS = ("paint", "data", "set_data")
 
@@ -46,7 +49,7 @@ class Corrections:
     #: saved corrections of an opened image can be restored: a sentence for the user
     offered = Signal(str)
 
-    def __init__(self, viewer: Any, session: Any) -> None:
+    def __init__(self, viewer: Any, session: Session) -> None:
         self._viewer, self._session = viewer, session
         self.layer: Labels | None = None
         self.saver: AutoSaver | None = None
@@ -99,11 +102,9 @@ class Corrections:
         if image is None or image not in self._viewer.layers:
             return None
         mask, reviewed = store_for(image).load()
-        if s.image_name != image.name:
-            s.image_name = image.name
+        s.adopt_image(image.name)
         layer = self._add(image, mask)
-        s.reviewed = set(reviewed)
-        s.events.reviewed_changed.emit()
+        s.restore_reviewed(reviewed)
         show_info(T.MSG_RESTORED.format(name=image.name, n=len(reviewed)))
         return layer
 
@@ -162,7 +163,7 @@ class Corrections:
 
     def _on_edit(self, event: Any) -> None:
         if event.type != "set_data":  # the user painted: this slice no longer follows the model
-            self._session.follow.discard(self._session.displayed())
+            self._session.edited(self._session.displayed())
         if self.saver is None:
             return
         if event.type == "set_data":  # undo / redo (or a refresh): save only if data changed

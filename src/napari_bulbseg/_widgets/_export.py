@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import PushButton
 from napari.utils.notifications import show_info, show_warning
@@ -14,6 +14,9 @@ from ..errors import InputError
 from . import _text as T
 from ._jobs import start_job, user_message
 from ._models import FOLDER, ModelChoice, chosen_folder, load_choice
+
+if TYPE_CHECKING:
+    from ..bioimageio import ExportResult
 
 
 def ask_package_path(parent: Any, suggested: str) -> str | None:
@@ -35,7 +38,7 @@ def package_name(choice: ModelChoice, folder: Path | None) -> str:
 
 def export_job(
     choice: ModelChoice, folder: Path | None, output: str | Path
-) -> Generator[None, None, Any]:
+) -> Generator[None, None, ExportResult]:
     """Worker body: load the chosen model on the CPU and write it as a bioimage.io package.
 
     The engine function ``bulbseg export`` uses; returns its ``ExportResult``. The user
@@ -85,7 +88,7 @@ class ModelExporter:
             on_finish=self._finished,
         )
 
-    def _exported(self, result: Any) -> None:
+    def _exported(self, result: ExportResult) -> None:
         msg = T.MSG_EXPORTED_MODEL.format(path=result.path, version=result.format_version)
         if result.notes:
             msg += T.MSG_EXPORT_NOTES.format(notes="; ".join(result.notes))

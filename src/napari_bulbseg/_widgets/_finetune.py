@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import (
@@ -27,6 +27,12 @@ from ._plot import CurvePlot
 from ._qt import Connections, tabify_with_siblings, text_label
 from ._session import get_session, real_viewer
 
+if TYPE_CHECKING:
+    from ..events import TrainProgress
+    from ..model import LoadedModel
+    from ..registry import Registry
+    from ..training import TrainConfig, TrainResult
+
 LOSSES = ("focal+dice", "bce", "focal", "dice", "bce+dice")
 
 
@@ -35,14 +41,14 @@ def _fmt(d: float | None) -> str:
 
 
 def finetune_job(
-    config: Any,
-    planes: list,
-    base: Any,
-    registry: Any,
+    config: TrainConfig,
+    planes: list[tuple[int, np.ndarray, np.ndarray]],
+    base: LoadedModel | None,
+    registry: Registry,
     cancel: threading.Event,
     budget: str,
     rgb: bool | None = None,
-) -> Generator[Any, None, Any]:
+) -> Generator[str | TrainProgress, None, TrainResult]:
     """Worker body: samples from the snapshotted ``(z, image, mask)`` planes (hashing them takes
     a while on big slices), the split training will use — said first, as a sentence — then
     training; the engine compares the old and new model on the same validation slices and makes
@@ -72,7 +78,7 @@ class FinetuneWidget(Container):
         self._session = s = get_session(viewer)
         self._worker: Any = None
         self._cancel = threading.Event()
-        self.result: Any = None
+        self.result: TrainResult | None = None
         # the first optimiser imports torch._dynamo (~0.3 s holding the GIL): not at Start
         warm_imports("napari_bulbseg.training", "torch._dynamo", "torch.optim")
         self.ready_lbl = text_label(T.LBL_NEED_REVIEW)
@@ -146,7 +152,7 @@ class FinetuneWidget(Container):
                 self.ready_lbl.value += " " + T.LBL_ONE_IMAGE.format(image=s.image_name)
 
     # ------------------------------------------------------------------ training
-    def config(self) -> Any:
+    def config(self) -> TrainConfig:
         """The training settings the fields describe."""
         from ..training import TrainConfig
 
@@ -210,7 +216,7 @@ class FinetuneWidget(Container):
             on_finish=self._finished,
         )
 
-    def _on_progress(self, ev: Any) -> None:
+    def _on_progress(self, ev: str | TrainProgress) -> None:
         if isinstance(ev, str):  # what the job will train on, before the first step
             self.status.value = ev
             show_info(ev)
@@ -224,7 +230,7 @@ class FinetuneWidget(Container):
             epoch=ev.epoch, step=ev.step, total=ev.total_steps, loss=ev.loss, eta=ev.eta_s
         )
 
-    def _done(self, result: Any) -> None:
+    def _done(self, result: TrainResult) -> None:
         from ..model import load_model
 
         self.result = result
@@ -275,7 +281,7 @@ class FinetuneWidget(Container):
             parts.append(f"{info.id} {step}")
         self.rounds_lbl.value = T.LBL_ROUNDS.format(rounds=" · ".join(parts)) if parts else ""
 
-    def _offer_repredict(self, version: Any) -> None:
+    def _offer_repredict(self, version: str | None) -> None:
         self.repredict_btn.text = T.BTN_REPREDICT.format(version=version)
         self.repredict_btn.enabled = True
 

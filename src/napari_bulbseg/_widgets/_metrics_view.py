@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Set
+from typing import TYPE_CHECKING
 
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableWidgetItem
 
 from . import _text as T
+
+if TYPE_CHECKING:
+    from ..metrics import SliceMetrics
 
 
 class MetricsTable(QTableWidget):
@@ -29,7 +32,7 @@ class MetricsTable(QTableWidget):
         self.setMinimumWidth(0)
         self._rows: dict[int, int] = {}
 
-    def show_metrics(self, per_slice: Iterable[Any], reviewed: set[int]) -> None:
+    def show_metrics(self, per_slice: Iterable[SliceMetrics], reviewed: Set[int]) -> None:
         """Replace the rows with ``per_slice`` (SliceMetrics objects)."""
         items = list(per_slice)
         self.setRowCount(len(items))
@@ -38,13 +41,13 @@ class MetricsTable(QTableWidget):
             self._rows[int(m.index)] = r
             self._set_row(r, m, int(m.index) in reviewed)
 
-    def update_slice(self, m: Any, reviewed: bool) -> None:
+    def update_slice(self, m: SliceMetrics, reviewed: bool) -> None:
         """Update the row of slice ``m.index`` (when it is in the table)."""
         r = self._rows.get(int(m.index))
         if r is not None:
             self._set_row(r, m, reviewed)
 
-    def _set_row(self, r: int, m: Any, reviewed: bool) -> None:
+    def _set_row(self, r: int, m: SliceMetrics, reviewed: bool) -> None:
         values = (
             str(m.index),
             f"{m.dice:.3f}",

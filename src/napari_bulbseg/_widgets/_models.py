@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from . import _text as T
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..model import LoadedModel
+    from ..registry import Registry, VersionInfo
 
 BUNDLED, VERSION, FOLDER = "bundled", "version", "folder"
 
@@ -21,14 +27,14 @@ class ModelChoice:
     version: str | None = None
 
 
-def get_registry() -> Any:
+def get_registry() -> Registry:
     """The user's model registry (``$NAPARI_BULBSEG_HOME/models`` or the user data dir)."""
     from ..registry import Registry
 
     return Registry()
 
 
-def _label(v: Any) -> str:
+def _label(v: VersionInfo) -> str:
     name = T.MODEL_BUNDLED if v.id == "bundled" else f"Version {v.id}"
     dice = v.val_dice
     extra = f" · val Dice {dice:.3f}" if dice is not None else ""
@@ -61,7 +67,9 @@ def chosen_folder(choice: ModelChoice, folder: str | Path | None) -> Path | None
     return Path(folder)
 
 
-def load_choice(choice: ModelChoice, folder: str | Path | None, device: Any) -> tuple[Any, str]:
+def load_choice(
+    choice: ModelChoice, folder: str | Path | None, device: str | torch.device
+) -> tuple[LoadedModel, str]:
     """Load the chosen model onto ``device``; returns ``(LoadedModel, label)``."""
     from ..model import load_model
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtCore import Qt, Signal
@@ -13,13 +13,18 @@ from . import _text as T
 from ._jobs import start_job
 from ._qt import Connections, single_shot
 
+if TYPE_CHECKING:
+    from ..postprocess import PostProcess
+    from ..ranking import SliceScore
+    from ._session import Session
+
 #: rows the list shows before it scrolls (it must not push the dock past a laptop screen)
 VISIBLE_ROWS = 4
 
 
 def score_job(
-    prob: np.ndarray, done: np.ndarray, spec: Any, expected_max: int, is_stack: bool
-) -> Generator[int, None, list]:
+    prob: np.ndarray, done: np.ndarray, spec: PostProcess, expected_max: int, is_stack: bool
+) -> Generator[int, None, list[SliceScore]]:
     """Score the predicted slices in a worker (the engine's generator; one slice per step)."""
     from ..ranking import iter_score_stack
 
@@ -39,13 +44,13 @@ class CorrectNextQueue(QListWidget):
     #: the rows were rebuilt
     refilled = Signal()
 
-    def __init__(self, session: Any, goto: Callable[[int], Any]) -> None:
+    def __init__(self, session: Session, goto: Callable[[int], Any]) -> None:
         super().__init__()
         self._session = s = session
         self._goto = goto
         self._worker: Any = None
         self._again = False
-        self.scores: list[Any] = []
+        self.scores: list[SliceScore] = []
         self._is_stack = True
         self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.setToolTip(T.TIP_QUEUE)
@@ -97,7 +102,7 @@ class CorrectNextQueue(QListWidget):
     def busy(self) -> bool:
         return self._worker is not None or self._timer.isActive()
 
-    def _scored(self, scores: list[Any], prob: np.ndarray) -> None:
+    def _scored(self, scores: list[SliceScore], prob: np.ndarray) -> None:
         if prob is not self._session.prob:  # a new prediction began meanwhile
             self._again = True
             return
@@ -111,7 +116,7 @@ class CorrectNextQueue(QListWidget):
             self.recompute()
 
     # ------------------------------------------------------------------ the list
-    def ranked(self) -> list[Any]:
+    def ranked(self) -> list[SliceScore]:
         """Unreviewed slices, most worth correcting first."""
         from ..ranking import rank
 

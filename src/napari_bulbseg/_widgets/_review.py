@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, PushButton
@@ -20,6 +20,9 @@ from ._qt import Connections, single_shot, tabify_with_siblings, text_label
 from ._queue import CorrectNextQueue
 from ._session import get_session, real_viewer
 
+if TYPE_CHECKING:
+    from ..metrics import StackMetrics
+
 _EVENTS = ("paint", "data", "set_data")
 
 
@@ -33,7 +36,7 @@ class ReviewWidget(Container):
         self._session = s = get_session(viewer)
         self._ref: Labels | None = None
         self._stack_worker: Any = None
-        self.stack_result: Any = None
+        self.stack_result: StackMetrics | None = None
         self._shape_warned: tuple | None = None
         self._slice_worker: Any = None
         self._slice_next: tuple | None = None
@@ -235,7 +238,7 @@ class ReviewWidget(Container):
             on_finish=self._stack_finished,
         )
 
-    def _stack_done(self, res: tuple[np.ndarray, Any]) -> None:
+    def _stack_done(self, res: tuple[np.ndarray, StackMetrics | None]) -> None:
         diff_stack, sm = res
         if self._stacks() is None:  # the reference or the prediction changed meanwhile
             return

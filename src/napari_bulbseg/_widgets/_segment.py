@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import (
@@ -31,11 +31,20 @@ from ._models import FOLDER, ModelChoice, load_choice, model_choices
 from ._qt import Connections, OrderedComboBox, tabify_with_siblings, text_label
 from ._session import get_session, real_viewer
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ..events import Progress
+    from ..inference import Scale
+    from ..model import LoadedModel
+
 DEVICES = ("auto", "cuda", "mps", "cpu")
 #: PredictOptions' defaults (not imported here: that would load torch with the plugin menu)
 
 
-def _load_job(choice: ModelChoice, folder: Any, device: str) -> Generator[None, None, Any]:
+def _load_job(
+    choice: ModelChoice, folder: str | Path | None, device: str
+) -> Generator[None, None, tuple[LoadedModel, str]]:
     from ..inference import select_device
 
     dev = select_device(device)
@@ -44,19 +53,19 @@ def _load_job(choice: ModelChoice, folder: Any, device: str) -> Generator[None, 
 
 
 def _predict_job(
-    loaded: Any,
+    loaded: LoadedModel,
     stack: Any,
     options: dict[str, Any],
     prob: np.ndarray,
     order: list[int],
     diameter: float | str | None = None,
-) -> Generator[Any, None, tuple[int, Any]]:
+) -> Generator[Progress, None, tuple[int, Scale | None]]:
     """One engine job for the whole stack, slices in ``order`` (batched across slices); yields
     its Progress events (``finished`` names the slices that are done) and returns
     ``(n_slices, Scale)`` — the object scale used, for the user and the layers' metadata."""
     from ..inference import PredictOptions, iter_predict
 
-    scales: list[Any] = []
+    scales: list[Scale] = []
     gen = iter_predict(
         loaded, stack, PredictOptions(**options), out=prob, slices=order, diameter=diameter,
         on_scale=scales.append,
@@ -224,7 +233,7 @@ class SegmentWidget(Container):
             "num_threads": max(1, (os.cpu_count() or 2) - 1),
         }
 
-    def _predict(self, image: Image, choice: ModelChoice, loaded: Any, label: str) -> None:
+    def _predict(self, image: Image, choice: ModelChoice, loaded: LoadedModel, label: str) -> None:
         if self._cancelled:  # cancelled while the model loaded: that finished, nothing else
             self._load_aborted()
             return
@@ -258,13 +267,13 @@ class SegmentWidget(Container):
         text = str(self.diameter.value or "").strip()
         return text or None
 
-    def _on_event(self, ev: Any) -> None:
+    def _on_event(self, ev: Progress) -> None:
         self.bar.value = int(1000 * ev.fraction)
         for z in ev.finished:
             self._finished += 1
             self._session.slice_predicted(z)
 
-    def _done(self, res: tuple[int, Any]) -> None:
+    def _done(self, res: tuple[int, Scale | None]) -> None:
         n, scale = res
         dt = time.perf_counter() - self._t0
         msg = T.MSG_PRED_DONE.format(n=n, model=self._session.model_label, s=dt)

@@ -4,20 +4,24 @@ The widgets never talk to each other; they read and change the :class:`Session` 
 viewer (:func:`get_session`) and listen to its psygnal signals. The session owns the rule
 "probabilities → prediction layer": the displayed slice is re-thresholded at once on the GUI
 thread, every other slice by a background worker whose results are written on the GUI thread.
+The review state itself (probability cache, generations, reviewed flags, counts) is the Qt-free
+:class:`napari_bulbseg.review_state.ReviewState`; the session adds layers, timer, workers and
+signals around it.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Generator
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image, Labels, Layer
 from psygnal import Signal, SignalGroup
 from qtpy.QtCore import QTimer
 
-from ..postprocess import PostProcess, count_objects, postprocess_slice
+from ..postprocess import PostProcess
+from ..review_state import RefreshItem, ReviewState
 from . import _text as T
 from ._jobs import start_job
 from ._layers import (
@@ -29,6 +33,9 @@ from ._layers import (
     upsert_labels,
     write_slice,
 )
+
+if TYPE_CHECKING:
+    from ..model import LoadedModel
 
 #: delay between the last post-processing change and the background pass over other slices
 REFRESH_DELAY_MS = 120
@@ -67,28 +74,18 @@ class SessionSignals(SignalGroup):
 
 
 class Session:
-    """Model, probabilities, post-processing and review state for one viewer's image."""
+    """Model, layers and signals for one viewer's image; the review state is a
+    :class:`~napari_bulbseg.review_state.ReviewState` (:attr:`state`), read through the
+    properties below and changed through the methods here."""
 
     def __init__(self, viewer: Any) -> None:
         self._viewer = weakref.ref(viewer)
         self.events = SessionSignals()
-        self.image_name: str | None = None
-        self.loaded: Any = None  # model.LoadedModel
+        self.state = ReviewState()
+        self.loaded: LoadedModel | None = None
         self.model_label: str = ""
         #: registry version of ``loaded`` (None for the bundled model or a folder)
         self.model_version: str | None = None
-        self.prob: np.ndarray | None = None  # (Z, Y, X) float16
-        self.done: np.ndarray | None = None  # (Z,) bool: probabilities available
-        self.spec = PostProcess()
-        #: the user has set the rules (threshold, object priors): a new model never resets them
-        self.user_spec = False
-        #: unreviewed slices of the corrections that nobody edited: they follow the prediction
-        self.follow: set[int] = set()
-        self.expected_max = 0
-        self.counts: dict[int, int] = {}
-        self.reviewed: set[int] = set()
-        self._gen = 0
-        self._mask_gen: np.ndarray | None = None  # (Z,) spec generation of each written mask
         self._refresher: Any = None
         # the background pass starts once the slider rests, so it never competes with a drag
         self._refresh_timer = QTimer()
@@ -100,6 +97,51 @@ class Session:
 
         #: the corrections layer and its autosave
         self.corrections = Corrections(viewer, self)
+
+    # ------------------------------------------------------------------ review state (read-only)
+    @property
+    def image_name(self) -> str | None:
+        return self.state.image_name
+
+    @property
+    def prob(self) -> np.ndarray | None:
+        """(Z, Y, X) float16 probabilities."""
+        return self.state.prob
+
+    @property
+    def done(self) -> np.ndarray | None:
+        """(Z,) bool: probabilities available."""
+        return self.state.done
+
+    @property
+    def spec(self) -> PostProcess:
+        return self.state.spec
+
+    @property
+    def user_spec(self) -> bool:
+        """The user has set the rules (threshold, object priors): a new model never resets them."""
+        return self.state.user_spec
+
+    @property
+    def expected_max(self) -> int:
+        return self.state.expected_max
+
+    @property
+    def counts(self) -> Mapping[int, int]:
+        return self.state.counts
+
+    @property
+    def reviewed(self) -> frozenset[int]:
+        return self.state.reviewed
+
+    @property
+    def violations(self) -> list[int]:
+        """Slices with more objects than :attr:`expected_max` (empty when the check is off)."""
+        return self.state.violations
+
+    @property
+    def n_slices(self) -> int:
+        return self.state.n_slices
 
     # ------------------------------------------------------------------ layers
     @property
@@ -133,10 +175,6 @@ class Session:
         layer = self.image_layer
         return 0 if layer is None else current_index(self.viewer, layer)
 
-    @property
-    def n_slices(self) -> int:
-        return 0 if self.prob is None else int(self.prob.shape[0])
-
     # ------------------------------------------------------------------ model
     def card_spec(self) -> PostProcess:
         """The post-processing the model card recommends."""
@@ -148,7 +186,7 @@ class Session:
         except Exception:  # a card's odd rules never block the session: its threshold only
             return PostProcess(threshold=float(card.threshold))
 
-    def set_model(self, loaded: Any, label: str, version: str | None = None) -> None:
+    def set_model(self, loaded: LoadedModel, label: str, version: str | None = None) -> None:
         """Make ``loaded`` the session's model (``label`` shown in the panels, ``version`` its
         registry id or None) and emit ``model_changed``."""
         self.loaded, self.model_label, self.model_version = loaded, label, version
@@ -161,21 +199,14 @@ class Session:
         Returns the (Z, Y, X[, C]) image stack and the float16 (Z, Y, X) cache to fill.
         """
         viewer = self.viewer
-        self.follow = self._untouched_slices(image)
-        if self.image_name != image.name:
-            self.reviewed = set()
-            self.events.reviewed_changed.emit()
-        self.image_name = image.name
+        follow = self._untouched_slices(image)
         stack = as_stack(image)
-        zyx = tuple(int(s) for s in stack.shape[:3])
-        self.prob = np.zeros(zyx, dtype=np.float16)
-        self.done = np.zeros(zyx[0], dtype=bool)
-        self._mask_gen = np.full(zyx[0], -1, dtype=np.int64)
-        self.counts = {}
-        self._gen += 1
+        prob, new_image = self.state.begin(image.name, stack.shape[:3], follow)
+        if new_image:
+            self.events.reviewed_changed.emit()
         two_d = image.ndim == 2
-        prob_view = self.prob[0] if two_d else self.prob
-        pred = np.zeros(zyx[1:] if two_d else zyx, dtype=np.uint8)
+        prob_view = prob[0] if two_d else prob
+        pred = np.zeros(prob.shape[1:] if two_d else prob.shape, dtype=np.uint8)
         upsert_image(
             viewer,
             image.name + T.PROB_SUFFIX,
@@ -196,7 +227,7 @@ class Session:
         )
         viewer.layers.selection.active = image
         self.events.prediction_started.emit()
-        return stack, self.prob
+        return stack, prob
 
     def _untouched_slices(self, image: Image) -> set[int]:
         """Unreviewed slices whose corrections still equal the prediction (never painted)."""
@@ -206,15 +237,11 @@ class Session:
         if corr is None or pred is None or self.prob is None:
             return set()
         self.flush()
-        c, p = self.layer_for(corr), self.layer_for(pred)
-        if c.shape != p.shape:
-            return set()
-        todo = (z for z in range(c.shape[0]) if z not in self.reviewed and self.done[z])
-        return {z for z in todo if np.array_equal(c[z] > 0, p[z] > 0)}
+        return self.state.untouched_slices(self.layer_for(corr), self.layer_for(pred))
 
     def _follow_slice(self, z: int, mask: np.ndarray) -> None:
         """A new mask for slice ``z``: untouched corrections take it too."""
-        corr = self.corr_layer if z in self.follow else None
+        corr = self.corr_layer if self.state.follows(z) else None
         if corr is None:
             return
         write_slice(corr, z, mask, displayed=z == self.displayed())
@@ -222,9 +249,8 @@ class Session:
 
     def slice_predicted(self, z: int) -> None:
         """Probabilities of slice ``z`` are final: show them, threshold the slice."""
-        if self.done is None or not 0 <= z < self.done.size:
+        if not self.state.mark_predicted(z):
             return
-        self.done[z] = True
         if z == self.displayed():
             if self.prob_layer is not None:
                 self.prob_layer.refresh()
@@ -234,11 +260,11 @@ class Session:
     def update_slice(self, z: int) -> None:
         """Re-threshold slice ``z`` now, on this thread, and write it into the layer."""
         pred = self.pred_layer
-        if pred is None or self.prob is None or not self.done[z]:
+        mask = None if pred is None else self.state.mask_for(z)
+        if mask is None:
             return
-        mask = postprocess_slice(self.prob[z], self.spec)
         write_slice(pred, z, mask, displayed=z == self.displayed())
-        self._mask_gen[z] = self._gen
+        self.state.mark_written(z)
         self._follow_slice(z, mask)
         self.events.prediction_updated.emit(z)
 
@@ -249,16 +275,10 @@ class Session:
 
         ``from_user=False`` is a model's suggestion, applied only until the user sets rules.
         """
-        if from_user:
-            self.user_spec = True
-        if expected_max is not None and expected_max != self.expected_max:
-            self.expected_max = expected_max
+        if expected_max is not None and self.state.set_expected_max(expected_max):
             self.events.counts_changed.emit()
-        if spec == self.spec:
+        if not self.state.set_spec(spec, from_user=from_user):
             return
-        self.spec = spec
-        self._gen += 1
-        self.counts = {}
         if self.prob is not None:
             self.update_slice(self.displayed())
             self._refresh_timer.start()
@@ -268,86 +288,73 @@ class Session:
         if self.prob is None or self.image_layer is None:
             return
         z = self.displayed()
-        if self.done[z] and self._mask_gen[z] != self._gen:
+        if self.state.is_stale(z):
             self.update_slice(z)
 
     # ------------------------------------------------------------------ background refresh
     def _start_refresher(self) -> None:
         worker = self._refresher
-        if worker is not None and getattr(worker, "_bulbseg_gen", None) == self._gen:
+        if worker is not None and getattr(worker, "_bulbseg_gen", None) == self.state.gen:
             return  # the running pass already uses this spec and rescans for new slices
         if worker is not None:
             worker.quit()
-        gen, spec = self._gen, self.spec
+        gen = self.state.gen
         self._refresher = start_job(
-            self._refresh_job(gen, spec, self.prob, self.done),
+            self.state.iter_refresh(),
             on_yield=self._apply_refreshed,
             on_finish=lambda: self._refresher_finished(gen),
         )
         self._refresher._bulbseg_gen = gen
 
-    def _refresh_job(
-        self, gen: int, spec: PostProcess, prob: np.ndarray, done: np.ndarray
-    ) -> Generator[tuple[int, int, np.ndarray, int], None, None]:
-        handled: set[int] = set()
-        while gen == self._gen:
-            todo = [int(z) for z in np.flatnonzero(done) if z not in handled]
-            if not todo:
-                return
-            for z in todo:
-                if gen != self._gen:
-                    return
-                mask = postprocess_slice(prob[z], spec)
-                handled.add(z)
-                yield gen, z, mask, count_objects(mask)
-
-    def _apply_refreshed(self, item: tuple[int, int, np.ndarray, int]) -> None:
+    def _apply_refreshed(self, item: RefreshItem) -> None:
         gen, z, mask, count = item
         pred = self.pred_layer
-        if gen != self._gen or pred is None:
+        if not self.state.is_current(gen) or pred is None:
             return
-        if self._mask_gen[z] != gen:
+        if self.state.needs_write(z, gen):
             write_slice(pred, z, mask, displayed=z == self.displayed())
-            self._mask_gen[z] = gen
+            self.state.mark_written(z, gen)
             self._follow_slice(z, mask)
             self.events.prediction_updated.emit(z)
-        self.counts[z] = count
+        self.state.record_count(z, count)
         self.events.counts_changed.emit()
 
     def _refresher_finished(self, gen: int) -> None:
         if self._refresher is not None and self._refresher._bulbseg_gen == gen:
             self._refresher = None
             # slices that finished predicting after the last rescan
-            if self.done is not None and (self._mask_gen[self.done] != self._gen).any():
+            if self.state.stale_slices():
                 self._start_refresher()
 
     def flush(self) -> None:
         """Bring every predicted slice up to the current post-processing now (GUI thread)."""
         if self.prob is None or self.pred_layer is None:
             return
-        for z in np.flatnonzero(self.done & (self._mask_gen != self._gen)):
-            self.update_slice(int(z))
+        for z in self.state.stale_slices():
+            self.update_slice(z)
 
     @property
     def busy(self) -> bool:
         """Whether a background re-threshold pass is pending or running."""
         return self._refresher is not None or self._refresh_timer.isActive()
 
-    @property
-    def violations(self) -> list[int]:
-        """Slices with more objects than :attr:`expected_max` (empty when the check is off)."""
-        if self.expected_max <= 0:
-            return []
-        return sorted(z for z, n in self.counts.items() if n > self.expected_max)
-
     # ------------------------------------------------------------------ review
     def set_reviewed(self, z: int, reviewed: bool) -> None:
-        changed = (z in self.reviewed) != reviewed
-        if reviewed:
-            self.follow.discard(z)
-        (self.reviewed.add if reviewed else self.reviewed.discard)(z)
-        if changed:
+        if self.state.set_reviewed(z, reviewed):
             self.events.reviewed_changed.emit()
+
+    def adopt_image(self, image_name: str) -> None:
+        """Belong to ``image_name`` before its saved corrections are shown."""
+        self.state.adopt_image(image_name)
+
+    def restore_reviewed(self, reviewed: Iterable[int]) -> None:
+        """The autosaved reviewed flags are back: set them, emit ``reviewed_changed``."""
+        self.state.restore_reviewed(reviewed)
+        self.events.reviewed_changed.emit()
+
+    def edited(self, z: int) -> None:
+        """The user painted slice ``z`` of the corrections: it no longer follows the model."""
+        self.state.stop_following(z)
 
     def layer_for(self, layer: Layer | None) -> np.ndarray | None:
         """A layer's data as a (Z, Y, X) numpy stack (a view for numpy data)."""
