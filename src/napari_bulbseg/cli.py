@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .cohort import SLICES_PER_TASK
 from .errors import BulbsegError, CancelledError, InputError
 from .io import (
     IMAGE_SUFFIXES,
@@ -632,6 +633,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--scheduler",
         default=None,
         help="address of a running dask scheduler (e.g. a dask_jobqueue SLURMCluster's)",
+    )
+    p.add_argument(
+        "--slices-per-task",
+        type=_count,
+        default=SLICES_PER_TASK,
+        metavar="N",
+        help="with --cluster/--scheduler: split a stack of more than N slices into tasks of at "
+        "most N slices, merged into the same outputs (default %(default)s; 0: never split)",
     )
     _add_rank_options(p, "--rank")
     p.set_defaults(func=cmd_predict)

@@ -10,6 +10,12 @@ finished (see :mod:`.cohort`).
 
 A worker killed mid-task: the scheduler reruns the task on another worker (up to dask's
 ``distributed.scheduler.allowed-failures``, 3 by default, then the file is reported as failed).
+
+A stack of more than ``--slices-per-task`` slices is split: one task per slice range
+(:func:`.cohort.predict_range`, each writing its part into the staging folder), a merge task
+that depends on them all (:func:`.cohort.merge_parts`) and, for ``--diameter auto``, a scale
+task they depend on (:func:`.cohort.measure_scale`). The client commits the merge's record as
+it would a whole file's: the file is recorded once, when every range is done.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .cohort import (
+    SLICES_PER_TASK,
     FileRecord,
     Item,
     ModelRef,
@@ -34,13 +41,19 @@ from .cohort import (
     RunLog,
     Summary,
     commit,
+    count_slices,
     describe_error,
+    is_auto,
+    measure_scale,
+    merge_parts,
     new_staging_dir,
     options_key,
     output_names,
     plan,
+    predict_range,
     predict_task,
     remove_staging_dir,
+    slice_ranges,
     warm_up,
 )
 from .errors import InputError
@@ -144,6 +157,79 @@ def _n_workers(client: Any) -> int:
     return 0
 
 
+def _submit_file(
+    client: Any,
+    i: int,
+    item: Item,
+    staging: Path,
+    model: ModelRef,
+    options: Any,
+    postprocess: Any,
+    diameter: float | str | None,
+    write_prob: bool,
+    ranges: list[tuple[int, int]],
+) -> tuple[Any, list[tuple[Any, tuple[int, int]]]]:
+    """Submit one input: one task, or (split) a task per slice range and a merge task that
+    depends on them (and, for ``--diameter auto``, a scale task they all depend on). Returns
+    (the future of the file's :class:`~.cohort.FileRecord`, [(range future, range)])."""
+    tag = f"{staging.name}-{i}"
+    if len(ranges) <= 1:
+        fut = client.submit(
+            predict_task,
+            str(item.path),
+            str(staging),
+            model,
+            options,
+            postprocess,
+            diameter,
+            write_prob,
+            key=f"bulbseg-predict-{tag}",
+            pure=False,
+        )
+        return fut, []
+    path = str(item.path)
+    scale: Any = {"diameter": diameter, "message": None}
+    if is_auto(diameter):
+        scale = client.submit(
+            measure_scale, path, model, options, diameter, key=f"bulbseg-scale-{tag}", pure=False
+        )
+    parts = [
+        (
+            client.submit(
+                predict_range,
+                path,
+                str(staging),
+                model,
+                options,
+                postprocess,
+                scale,
+                lo,
+                hi,
+                write_prob,
+                key=f"bulbseg-slices-{tag}-{lo}",
+                pure=False,
+            ),
+            (lo, hi),
+        )
+        for lo, hi in ranges
+    ]
+    merged = client.submit(
+        merge_parts,
+        path,
+        str(staging),
+        [f for f, _ in parts],
+        model,
+        options,
+        postprocess,
+        diameter,
+        write_prob,
+        scale if not isinstance(scale, dict) else None,
+        key=f"bulbseg-merge-{tag}",
+        pure=False,
+    )
+    return merged, parts
+
+
 def iter_run(
     client: Any,
     items: Sequence[Item],
@@ -157,34 +243,39 @@ def iter_run(
     write_prob: bool = True,
     threads: int | None = None,
     summary: Summary | None = None,
+    slices_per_task: int | None = None,
 ) -> Generator[Progress, None, Summary]:
-    """Run ``items`` on ``client``, one task per file; yields Progress by finished files and
-    returns the :class:`~.cohort.Summary`. Closing the generator cancels what has not run."""
+    """Run ``items`` on ``client``, one task per file — or, for a stack of more than
+    ``slices_per_task`` slices, one per slice range plus a merge; yields Progress by finished
+    task and returns the :class:`~.cohort.Summary`. Closing the generator cancels what has not
+    run. A file is committed (moved into place, recorded once) only when all of it is done."""
     distributed = require_distributed()
     summary = summary or Summary(total=len(items))
     log = RunLog(folder.path)
     if threads is not None:
         options = replace(options, num_threads=threads)
     t0 = time.perf_counter()
-    futures: dict[Any, Item] = {}
+    files: dict[Any, Item] = {}
+    ranges_of: dict[Any, tuple[Item, tuple[int, int]]] = {}
     for i, item in enumerate(items):
-        fut = client.submit(
-            predict_task,
-            str(item.path),
-            str(staging),
-            model,
-            options,
-            postprocess,
-            diameter,
-            write_prob,
-            key=f"bulbseg-predict-{staging.name}-{i}",
-            pure=False,
+        n = count_slices(item.path) if slices_per_task else None
+        ranges = slice_ranges(n, slices_per_task) if n else []  # [] or one range: one task
+        fut, parts = _submit_file(
+            client, i, item, staging, model, options, postprocess, diameter, write_prob, ranges
         )
-        futures[fut] = item
-    finished = 0
+        files[fut] = item
+        ranges_of.update({f: (item, r) for f, r in parts})
+    everything = [*files, *ranges_of]
+    total, finished = len(everything), 0
     try:
-        for fut in distributed.as_completed(list(futures)):
-            item = futures[fut]
+        for fut in distributed.as_completed(everything):
+            finished += 1
+            if fut in ranges_of:
+                item, (lo, hi) = ranges_of.pop(fut)
+                if fut.status == "finished":
+                    yield Progress(finished, total, f"{item.path.name}: slices {lo}…{hi - 1}")
+                continue  # an error reaches the file's merge task, and is reported there
+            item = files[fut]
             try:
                 record = fut.result()
             except distributed.KilledWorker as e:
@@ -199,12 +290,11 @@ def iter_run(
                 record = _failed(item, model, options, postprocess, diameter, write_prob, e)
             record = commit(record, folder, log, item.stat)
             (summary.done if record.status == "done" else summary.failed).append(record)
-            finished += 1
             name = item.path.name
             msg = f"{name} failed" if record.status != "done" else name
-            yield Progress(finished, len(items), msg)
+            yield Progress(finished, total, msg)
     finally:
-        pending = [f for f in futures if not f.done()]
+        pending = [f for f in everything if not f.done()]
         if pending:
             with contextlib.suppress(Exception):
                 client.cancel(pending)
@@ -247,6 +337,9 @@ def predict_on_cluster(args: argparse.Namespace) -> int:
         options = cli._predict_options(args)
         model = ModelRef.of(loaded)
         write_prob = not args.no_prob
+        slices_per_task = getattr(args, "slices_per_task", None)
+        if slices_per_task is None:
+            slices_per_task = SLICES_PER_TASK
         key = options_key(options, spec, args.diameter, write_prob)
         todo, skipped = plan(files, folder, model.sha256, key)
         folder.check_targets(n for it in todo for n in output_names(it.path, write_prob))
@@ -276,6 +369,7 @@ def predict_on_cluster(args: argparse.Namespace) -> int:
                         write_prob=write_prob,
                         threads=threads,
                         summary=summary,
+                        slices_per_task=slices_per_task,
                     )
                     cli._run_with_bar(gen, "predict")
             finally:

@@ -9,6 +9,11 @@ The client then moves the finished files into place (:func:`commit`), records th
 output folder's manifest (:class:`~.outputs.OutputFolder`) and appends one line to the run log
 (:class:`RunLog`, ``.bulbseg-runs.jsonl``), from which a rerun knows what is finished.
 
+A long stack is split into slice ranges (:func:`slice_ranges`): :func:`predict_range` predicts
+one range into a part of its own, :func:`merge_parts` writes the parts into the stack's outputs
+with :func:`write_outputs` — the writer :func:`predict_file` uses — and the client commits that
+one record as for any file. ``--diameter auto`` is measured once per stack (:func:`measure_scale`).
+
 Nothing here imports dask: a worker needs only this package.
 """
 
@@ -85,13 +90,33 @@ class FileRecord:
     worker: str = ""
     started: float = 0.0
     ended: float = 0.0
+    #: a stack split into slice ranges: one entry per task (``"task"``: ``"scale"``,
+    #: ``"slices"`` with its ``[lo, hi)``, ``"merge"``) with its worker and times; () otherwise
+    parts: tuple[dict[str, Any], ...] = ()
     #: where a worker left the outputs for the client to move into place (None once moved)
     staged: str | None = None
+    #: the slice ranges' folders, removed by the client once the merged record is committed
+    staged_parts: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("staged")
+        d.pop("staged_parts")
         return d
+
+    def tasks(self) -> list[dict[str, Any]]:
+        """The tasks that made this record, each with ``worker``, ``started``, ``ended`` and
+        ``model_load_s``: its parts, or the record itself."""
+        if self.parts:
+            return list(self.parts)
+        return [
+            {
+                "worker": self.worker,
+                "started": self.started,
+                "ended": self.ended,
+                "model_load_s": self.model_load_s,
+            }
+        ]
 
 
 def options_key(options: Any, postprocess: Any, diameter: Any, write_prob: bool) -> dict[str, Any]:
@@ -134,7 +159,7 @@ def iter_predict_file(
     atomically, and a probability map is never left without its mask. Errors are raised.
     """
     from .inference import iter_predict
-    from .io import read_stack, write_mask, write_tiff
+    from .io import read_stack
     from .postprocess import postprocess_stack
 
     started, t0 = time.time(), time.perf_counter()
@@ -147,25 +172,18 @@ def iter_predict_file(
         scale = scales[0] if scales else None
         mask = postprocess_stack(prob, postprocess)
         names = output_names(path, write_prob)
-        meta = {"pixel_size": stack.pixel_size, "unit": stack.unit or "µm"}
         info = {"model": loaded.name, "diameter_px": scale.diameter if scale else None}
-        pp = mp = None
-        try:
-            if write_prob:
-                pp = write_tiff(out / names[0], prob.astype("float32"), axes="ZYX", **meta)
-                if on_written is not None:
-                    on_written(pp, info)
-            mp = write_mask(out / names[-1], mask, pixel_size=stack.pixel_size)
-            if on_written is not None:
-                on_written(mp, info)
-        except BaseException:
-            # never a probability map without its mask, nor an output its record (the
-            # folder's manifest, e.g. on a full disk) does not know: a rerun would refuse it
-            for written in (mp, pp):
-                if written is not None:
-                    with contextlib.suppress(OSError):
-                        written.unlink()
-            raise
+        prob_out = prob if write_prob else None
+        write_outputs(
+            out,
+            names,
+            prob_out,
+            mask,
+            stack.pixel_size,
+            stack.unit,
+            on_written=on_written,
+            info=info,
+        )
     finally:
         stack.close()
     return FileRecord(
@@ -185,6 +203,48 @@ def iter_predict_file(
         started=started,
         ended=time.time(),
     )
+
+
+def write_outputs(
+    out: Path,
+    names: Sequence[str],
+    prob: Any,
+    mask: Any,
+    pixel_size: Any,
+    unit: str,
+    *,
+    on_written: Callable[[Path, dict[str, Any]], Any] | None = None,
+    info: dict[str, Any] | None = None,
+) -> None:
+    """Write one input's outputs into ``out``: the probabilities (float32; skipped when
+    ``prob`` is None) then the mask, each atomically, with the input's pixel size and unit.
+
+    ``on_written(path, info)`` is called after each. On any error the files written so far are
+    removed: never a probability map without its mask, nor an output its record (the folder's
+    manifest, e.g. on a full disk) does not know — a rerun would refuse it.
+    """
+    import numpy as np
+
+    from .io import write_mask, write_tiff
+
+    pp = mp = None
+    try:
+        if prob is not None:
+            prob = np.asarray(prob, dtype=np.float32)  # no copy of a float32 memmap
+            pp = write_tiff(
+                out / names[0], prob, axes="ZYX", pixel_size=pixel_size, unit=unit or "µm"
+            )
+            if on_written is not None:
+                on_written(pp, info or {})
+        mp = write_mask(out / names[-1], mask, pixel_size=pixel_size)
+        if on_written is not None:
+            on_written(mp, info or {})
+    except BaseException:
+        for written in (mp, pp):
+            if written is not None:
+                with contextlib.suppress(OSError):
+                    written.unlink()
+        raise
 
 
 def predict_file(
@@ -319,6 +379,379 @@ def describe_error(e: BaseException) -> str:
     return " ".join(text.split())
 
 
+# --------------------------------------------------------------------------- slice ranges
+
+#: ``--slices-per-task`` default: a stack of more slices is split into ranges of at most this
+#: many, predicted as separate tasks and merged into the same outputs (0: never split)
+SLICES_PER_TASK = 64
+_PART_PROB = "prob.npy"
+_PART_MASK = "mask.npy"
+
+
+def slice_ranges(n_slices: int, per_task: int | None) -> list[tuple[int, int]]:
+    """``[lo, hi)`` ranges covering ``n_slices`` slices: one range when ``per_task`` is 0 / None
+    or the stack is no longer; else ``ceil(n / per_task)`` ranges of near-equal length."""
+    n = max(int(n_slices), 0)
+    if not per_task or per_task <= 0 or n <= per_task:
+        return [(0, n)]
+    k = -(-n // per_task)
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+def count_slices(path: str | os.PathLike) -> int | None:
+    """The number of slices of ``path`` from its header (PNG / JPEG: 1, not read); None when it
+    cannot be read (its task then reports why)."""
+    from .io import read_stack
+
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() not in (".tif", ".tiff"):
+        return 1
+    try:
+        stack = read_stack(p, lazy=True)
+    except Exception:
+        return None
+    try:
+        return stack.n_slices
+    finally:
+        stack.close()
+
+
+class _RangeBuffer:
+    """An ``out`` for :func:`~.inference.iter_predict` that keeps slices ``lo..hi`` only.
+
+    It has the whole stack's shape (what iter_predict checks) but holds ``hi - lo`` slices;
+    writes to other slices are dropped.
+    """
+
+    def __init__(self, shape: tuple[int, ...], lo: int, hi: int, dtype: Any) -> None:
+        import numpy as np
+
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.lo, self.hi = lo, hi
+        self.data = np.zeros((hi - lo, *shape[1:]), dtype=self.dtype)
+
+    def __setitem__(self, z: int, value: Any) -> None:
+        if self.lo <= z < self.hi:
+            self.data[z - self.lo] = value
+
+
+def is_auto(diameter: Any) -> bool:
+    """Whether ``diameter`` asks for the object scale to be measured (``"auto"``)."""
+    from .inference import _is_auto
+
+    return _is_auto(diameter)
+
+
+class _ScaleFound(Exception):
+    def __init__(self, scale: Any) -> None:
+        self.scale = scale
+
+
+def measure_scale(
+    path: str, model: ModelRef, options: Any, diameter: float | str | None
+) -> dict[str, Any]:
+    """The object scale a whole-stack prediction of ``path`` would use, measured once for all
+    its slice ranges: ``{"diameter": px or None, "message": …}`` plus the task's timing, or
+    ``{"error": …}``. For ``auto`` this runs the same first pass as single-process predict (the
+    same slices of the whole stack) and stops before the real pass; otherwise it is just the
+    given diameter. Never raises."""
+    from .inference import iter_predict
+    from .io import read_stack
+
+    started, t0 = time.time(), time.perf_counter()
+    timing: dict[str, Any] = {"task": "scale", "worker": _where(), "started": started}
+    load_s = 0.0
+    if not is_auto(diameter):
+        return {"diameter": diameter, "message": None}
+    try:
+        loaded, load_s = cached_model(model, str(options.device))
+        stack = read_stack(path, lazy=True)
+        try:
+
+            def stop(scale: Any) -> None:
+                raise _ScaleFound(scale)
+
+            out = _RangeBuffer(tuple(stack.data.shape[:3]), 0, 0, options.prob_dtype)
+            try:
+                drain(
+                    iter_predict(loaded, stack, options, out=out, diameter=diameter, on_scale=stop)
+                )
+                raise RuntimeError("the prediction never reported its scale")
+            except _ScaleFound as found:
+                scale = found.scale
+        finally:
+            stack.close()
+        result = {"diameter": scale.diameter, "message": scale.message or ""}
+    except Exception as e:
+        result = {"error": describe_error(e)}
+    timing.update(ended=time.time(), seconds=time.perf_counter() - t0, model_load_s=load_s)
+    return {**result, "timing": timing}
+
+
+@dataclass(frozen=True)
+class PartRecord:
+    """One slice range ``[lo, hi)`` of a split stack, predicted on a worker into ``folder``
+    (``prob.npy`` float32 as written to the TIFF, unless ``write_prob`` was off, and
+    ``mask.npy`` uint8 {0, 1}, each written atomically). ``shape`` is the whole stack's."""
+
+    input: str
+    lo: int
+    hi: int
+    status: str
+    folder: str | None = None
+    shape: tuple[int, ...] | None = None
+    pixel_size: tuple[float, float] | None = None
+    unit: str = ""
+    foreground: int = 0
+    diameter_px: float | None = None
+    scale_message: str = ""
+    read_notes: tuple[str, ...] = ()
+    error: str | None = None
+    seconds: float = 0.0
+    model_load_s: float = 0.0
+    worker: str = ""
+    started: float = 0.0
+    ended: float = 0.0
+
+    def timing(self) -> dict[str, Any]:
+        return {
+            "task": "slices",
+            "slices": [self.lo, self.hi],
+            "worker": self.worker,
+            "started": self.started,
+            "ended": self.ended,
+            "seconds": self.seconds,
+            "model_load_s": self.model_load_s,
+        }
+
+
+def _save_npy(path: Path, arr: Any) -> None:
+    import numpy as np
+
+    from .atomic import atomic_write
+
+    with atomic_write(path) as fh:
+        np.save(fh, arr, allow_pickle=False)
+
+
+def predict_range(
+    path: str,
+    staging_dir: str,
+    model: ModelRef,
+    options: Any,
+    postprocess: Any,
+    scale: dict[str, Any],
+    lo: int,
+    hi: int,
+    write_prob: bool = True,
+) -> PartRecord:
+    """Slices ``lo..hi`` of one stack on a worker (a task of a split stack): read only those
+    planes, predict them at ``scale`` (from :func:`measure_scale`), post-process them (every
+    step works slice by slice) and write the part into a fresh folder under ``staging_dir``.
+    Never raises: a failed record says why."""
+    import numpy as np
+
+    from .inference import iter_predict
+    from .io import read_stack
+    from .postprocess import postprocess_stack
+
+    started, t0 = time.time(), time.perf_counter()
+    where = Path(staging_dir) / secrets.token_hex(4)
+    load_s = 0.0
+    try:
+        if scale.get("error"):
+            raise InputError(scale["error"], "")
+        loaded, load_s = cached_model(model, str(options.device))
+        stack = read_stack(path, lazy=True)  # only the planes asked for are read
+        try:
+            shape = tuple(int(n) for n in stack.data.shape[:3])
+            if not 0 <= lo < hi <= shape[0]:
+                raise InputError(
+                    f"Slices {lo}…{hi - 1} are not in the stack ({shape[0]} slices)",
+                    "the file changed after the run started; run again",
+                )
+            scales: list[Any] = []
+            buf = _RangeBuffer(shape, lo, hi, options.prob_dtype)
+            drain(
+                iter_predict(
+                    loaded,
+                    stack,
+                    options,
+                    out=buf,
+                    slices=range(lo, hi),
+                    diameter=scale.get("diameter"),
+                    on_scale=scales.append,
+                )
+            )
+            mask = postprocess_stack(buf.data, postprocess)
+            where.mkdir()  # not parents: a cancelled run's staging folder stays removed
+            if write_prob:
+                _save_npy(where / _PART_PROB, np.asarray(buf.data, dtype=np.float32))
+            _save_npy(where / _PART_MASK, mask)
+        finally:
+            stack.close()
+        used = scales[0] if scales else None
+        message = scale.get("message")
+        return PartRecord(
+            input=str(path),
+            lo=lo,
+            hi=hi,
+            status="done",
+            folder=str(where),
+            shape=shape,
+            pixel_size=stack.pixel_size,
+            unit=stack.unit,
+            foreground=int(mask.sum()),
+            diameter_px=used.diameter if used is not None else None,
+            scale_message=(message if message is not None else (used.message if used else ""))
+            or "",
+            read_notes=tuple(stack.notes),
+            seconds=time.perf_counter() - t0,
+            model_load_s=load_s,
+            worker=_where(),
+            started=started,
+            ended=time.time(),
+        )
+    except Exception as e:
+        shutil.rmtree(where, ignore_errors=True)
+        return PartRecord(
+            input=str(path),
+            lo=lo,
+            hi=hi,
+            status="failed",
+            error=describe_error(e),
+            seconds=time.perf_counter() - t0,
+            model_load_s=load_s,
+            worker=_where(),
+            started=started,
+            ended=time.time(),
+        )
+
+
+def _load_part(part: PartRecord, name: str, dtype: str) -> Any:
+    """A part's array, memory-mapped, checked against the slices and size it should hold."""
+    import numpy as np
+
+    f = Path(str(part.folder)) / name
+    try:
+        arr = np.load(f, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError(
+            f"The part with slices {part.lo}…{part.hi - 1} is missing or damaged ({e})",
+            "run again: the file is predicted from the start",
+        ) from e
+    want = (part.hi - part.lo, *tuple(part.shape or ())[1:])
+    if arr.shape != want or arr.dtype != np.dtype(dtype):
+        raise InputError(
+            f"The part with slices {part.lo}…{part.hi - 1} holds {arr.dtype} {arr.shape}, not "
+            f"{dtype} {want}",
+            "run again: the file is predicted from the start",
+        )
+    return arr
+
+
+def merge_parts(
+    path: str,
+    staging_dir: str,
+    parts: Sequence[PartRecord],
+    model: ModelRef,
+    options: Any,
+    postprocess: Any,
+    diameter: float | str | None = None,
+    write_prob: bool = True,
+    scale: dict[str, Any] | None = None,
+) -> FileRecord:
+    """Merge the slice ranges of one stack into its outputs, in a fresh folder under
+    ``staging_dir``: the same files, written by the same code (:func:`write_outputs`), as
+    :func:`predict_file` writes for the whole stack. A record for the whole file, ``staged``
+    for the client's :func:`commit`; failed (never raises) when a part failed or is damaged.
+    The parts are left for the client to remove once the record is committed."""
+    import numpy as np
+
+    started, t0 = time.time(), time.perf_counter()
+    where = Path(staging_dir) / secrets.token_hex(4)
+    parts = sorted(parts, key=lambda p: p.lo)
+    timings = [p.timing() for p in parts]
+    if scale is not None and scale.get("timing"):
+        timings.insert(0, scale["timing"])
+    base = {
+        "input": str(path),
+        "model": model.name,
+        "model_sha256": model.sha256,
+        "options": options_key(options, postprocess, diameter, write_prob),
+        "model_load_s": sum(float(t.get("model_load_s") or 0.0) for t in timings),
+        "staged_parts": tuple(str(p.folder) for p in parts if p.folder),
+    }
+    try:
+        bad = [p for p in parts if p.status != "done"]
+        if bad:
+            raise InputError(f"slices {bad[0].lo}…{bad[0].hi - 1}: {bad[0].error}", "")
+        shape = tuple(parts[0].shape or ())
+        end = 0
+        for part in parts:
+            if part.lo != end or tuple(part.shape or ()) != shape:
+                break
+            end = part.hi
+        if not shape or end != shape[0]:
+            covered = [(p.lo, p.hi) for p in parts]
+            raise InputError(f"The slice ranges {covered} do not tile the stack {shape}", "")
+        where.mkdir()
+        prob = mask = None
+        try:
+            mask = np.lib.format.open_memmap(where / _PART_MASK, "w+", np.uint8, shape)
+            if write_prob:
+                prob = np.lib.format.open_memmap(where / _PART_PROB, "w+", np.float32, shape)
+            for part in parts:
+                mask[part.lo : part.hi] = _load_part(part, _PART_MASK, "uint8")
+                if prob is not None:
+                    prob[part.lo : part.hi] = _load_part(part, _PART_PROB, "float32")
+            names = output_names(path, write_prob)
+            first = parts[0]
+            write_outputs(where, names, prob, mask, first.pixel_size, first.unit)
+        finally:
+            del prob, mask  # unmapped before the files go
+            for name in (_PART_MASK, _PART_PROB):
+                with contextlib.suppress(OSError):
+                    (where / name).unlink()
+        merge_timing = {
+            "task": "merge",
+            "worker": _where(),
+            "started": started,
+            "ended": time.time(),
+            "seconds": time.perf_counter() - t0,
+            "model_load_s": 0.0,
+        }
+        return FileRecord(
+            **base,
+            status="done",
+            outputs=tuple(names),
+            shape=shape,
+            seconds=sum(float(t["seconds"]) for t in timings) + merge_timing["seconds"],
+            foreground=sum(p.foreground for p in parts),
+            diameter_px=first.diameter_px,
+            scale_message=first.scale_message,
+            read_notes=first.read_notes,
+            worker=merge_timing["worker"],
+            started=min(float(t["started"]) for t in timings),
+            ended=merge_timing["ended"],
+            staged=str(where),
+            parts=(*timings, merge_timing),
+        )
+    except Exception as e:
+        shutil.rmtree(where, ignore_errors=True)
+        return FileRecord(
+            **base,
+            status="failed",
+            error=describe_error(e),
+            worker=_where(),
+            started=started,
+            ended=time.time(),
+            parts=tuple(timings),
+        )
+
+
 # --------------------------------------------------------------------------- in the client
 
 
@@ -425,6 +858,9 @@ def commit(record: FileRecord, folder: Any, log: RunLog, stat: dict[str, int]) -
             raise
         shutil.rmtree(staged, ignore_errors=True)
         record = replace(record, staged=None)
+    for part in record.staged_parts:  # a split stack's slice ranges, merged or of no use now
+        shutil.rmtree(part, ignore_errors=True)
+    record = replace(record, staged_parts=())
     entry = {
         **record.to_dict(),
         "format": _LOG_FORMAT,
@@ -519,16 +955,17 @@ class Summary:
     def overhead_per_task_s(self) -> float:
         """Seconds a worker spent between its tasks (scheduling, transfers, the client's commit),
         per task: from each worker's first start to its last end, minus the work in between."""
-        by_worker: dict[str, list[FileRecord]] = {}
+        by_worker: dict[str, list[dict[str, Any]]] = {}
         for r in [*self.done, *self.failed]:
-            if r.worker and r.ended > 0:
-                by_worker.setdefault(r.worker, []).append(r)
+            for t in r.tasks():
+                if t.get("worker") and t.get("ended", 0) > 0:
+                    by_worker.setdefault(t["worker"], []).append(t)
         gaps, n = 0.0, 0
-        for records in by_worker.values():
-            span = max(r.ended for r in records) - min(r.started for r in records)
-            busy = sum(r.ended - r.started for r in records)
+        for tasks in by_worker.values():
+            span = max(t["ended"] for t in tasks) - min(t["started"] for t in tasks)
+            busy = sum(t["ended"] - t["started"] for t in tasks)
             gaps += max(0.0, span - busy)
-            n += len(records)
+            n += len(tasks)
         return gaps / n if n else 0.0
 
     def lines(self) -> list[str]:
@@ -544,7 +981,8 @@ class Summary:
         if done:
             mean = sum(r.seconds for r in self.done) / done
             over = self.overhead_per_task_s()
-            loads = [r.model_load_s for r in [*self.done, *self.failed] if r.model_load_s > 0]
+            every = [t for r in [*self.done, *self.failed] for t in r.tasks()]
+            loads = [t["model_load_s"] for t in every if (t.get("model_load_s") or 0) > 0]
             out.append(
                 f"per file: {mean:.2f} s predicting, {over:.3f} s between tasks "
                 f"({100 * over / mean if mean > 0 else 0:.1f} %); model loaded {len(loads)} "
