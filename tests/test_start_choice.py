@@ -138,3 +138,27 @@ def test_the_cli_parses_the_start_and_refuses_an_unknown_one(capsys):
     assert cli.main([*base, "--start", "imagenet"]) == 2  # a usage error, not a traceback
     err = capsys.readouterr().err
     assert "invalid choice: 'imagenet'" in err and "Traceback" not in err
+
+
+def test_a_base_that_learns_the_new_images_quickly_is_kept_without_new_weights(
+    tmp_path, monkeypatch
+):
+    reg = _base(tmp_path, steps=40)
+    base = reg.load("v001")
+    before = TrainRun.base_scores
+
+    def looks_bad(self):  # the base scores poorly before fine-tuning (as on a new domain)
+        return {**before(self), "dice": 0.0}
+
+    monkeypatch.setattr(TrainRun, "base_scores", looks_bad)
+    cfg = tiny_config(epochs=1, steps_per_epoch=12, require_improvement=False)
+    run = TrainRun(cfg, discs(8, seed=31), val_samples=discs(3, seed=32), base=base)
+    msgs = [ev.message for ev in _events(run)]
+    start = run.result.card.training["start"]
+    assert start["chosen"] == "base" and list(start["probe_val_dice"]) == ["base"]
+    assert start["probe_val_dice"]["base"] >= PROBE_BELOW_DICE
+    assert not any("from scratch" in m for m in msgs)
+    assert any("validating the start from base" in m for m in msgs)
+    # the probe's steps are the first steps of the run that goes on
+    assert run.result.card.training["steps_run"] == start["probe_steps"] + 12
+    assert run.result.card.training["freeze_bn"] is True and run.warmup > 0

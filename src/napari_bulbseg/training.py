@@ -595,10 +595,11 @@ class TrainRun:
 
     def choose_start(self) -> Generator[TrainProgress, None, None]:
         """``start="auto"``: keep the base's weights when the base already does well on the
-        validation slices (Dice >= :data:`PROBE_BELOW_DICE`); otherwise train from the base
-        and from scratch for the same steps on the same patches (:data:`PROBE_SHARE` of the
-        time budget each, at least :data:`MIN_PROBE_STEPS` steps, at most one epoch), validate
-        both and go on with the better one — the base on a tie. The answer is in the card
+        validation slices (Dice >= :data:`PROBE_BELOW_DICE`). Otherwise fine-tune it for a
+        short probe (:data:`PROBE_SHARE` of the time budget, at least :data:`MIN_PROBE_STEPS`
+        steps, at most one epoch) and validate: if it has reached that Dice, go on with it.
+        Only if not, train new weights for the same steps on the same patches and go on with
+        whichever validates better — the base on a tie. The answer is in the card
         (``training.start``)."""
         before = self.base_scores()["dice"]
         info = self.start_info
@@ -622,35 +623,33 @@ class TrainRun:
                 loss = self.step()
                 msg = f"trying the start from {arm}: step {i + 1}/{n}"
                 yield self._progress(0, loss, 0, message=msg)
-                enough = i + 1 >= MIN_PROBE_STEPS
-                if (
-                    arm == "base"
-                    and enough
-                    and limit is not None
-                    and (time.perf_counter() - t_arm >= limit)
-                ):
+                timed_out = limit is not None and time.perf_counter() - t_arm >= limit
+                if arm == "base" and i + 1 >= MIN_PROBE_STEPS and timed_out:
                     self.total -= 2 * (n - i - 1)
                     n = i + 1  # the scratch arm gets as many steps
                     break
-            gen = self.iter_validate()
-            while True:
-                try:
-                    next(gen)
-                except StopIteration as stop:
-                    val = stop.value
-                    break
-                if _is_cancelled(self.cancel):
-                    gen.close()
-                    self.check_cancel()
-            state = (self.model, self.opt, self.sched, self.freeze_bn)
+            val = yield from self._validate_start(arm)
+            state = (self.model, self.opt, self.sched, self.freeze_bn, self.warmup, self.arm_steps)
             arms[arm] = (val.dice05, (state, copy.deepcopy(self.rng.bit_generator.state)))
-        d_base, d_scratch = arms["base"][0], arms["scratch"][0]
-        chosen = "scratch" if d_scratch > d_base + 1e-4 else "base"
-        (self.model, self.opt, self.sched, self.freeze_bn), rng = arms[chosen][1]
+            if arm == "base" and val.dice05 >= PROBE_BELOW_DICE:
+                break  # fine-tuning the base works here: no need to try new weights
+        d_base = arms["base"][0]
+        d_scratch = arms["scratch"][0] if "scratch" in arms else None
+        chosen = "scratch" if d_scratch is not None and d_scratch > d_base + 1e-4 else "base"
+        state, rng = arms[chosen][1]
+        self.model, self.opt, self.sched, self.freeze_bn, self.warmup, self.arm_steps = state
         self.rng.bit_generator.state = rng
         self.scratch = chosen == "scratch"
-        self.step_count -= n  # the steps of the start that was dropped
         self.total -= n
+        if d_scratch is None:
+            info.update(
+                chosen="base",
+                probe_steps=n,
+                probe_val_dice={"base": round(d_base, 4)},
+                reason=f"after {n} steps from the base model, validation Dice {d_base:.3f}",
+            )
+            return
+        self.step_count -= n  # the steps of the start that was dropped
         info.update(
             chosen=chosen,
             probe_steps=n,
@@ -660,6 +659,20 @@ class TrainRun:
                 f"{d_base:.3f} from the base model"
             ),
         )
+
+    def _validate_start(self, arm: str) -> Generator[TrainProgress, None, Validation]:
+        """:meth:`iter_validate` of the run's model as progress events, honouring cancel."""
+        gen = self.iter_validate()
+        while True:
+            try:
+                i = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            if _is_cancelled(self.cancel):
+                gen.close()
+                self.check_cancel()
+            msg = f"validating the start from {arm}: {i + 1}/{len(self.val_p)}"
+            yield self._progress(0, 0.0, 0, message=msg, kind="validate")
 
     # ---- small steps
 
