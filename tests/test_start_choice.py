@@ -153,7 +153,11 @@ def test_a_base_that_learns_the_new_images_quickly_is_kept_without_new_weights(
     monkeypatch.setattr(TrainRun, "base_scores", looks_bad)
     cfg = tiny_config(epochs=1, steps_per_epoch=12, require_improvement=False)
     run = TrainRun(cfg, discs(8, seed=31), val_samples=discs(3, seed=32), base=base)
-    msgs = [ev.message for ev in _events(run)]
+    evs = list(_events(run))
+    msgs = [ev.message for ev in evs]
+    probes = [ev for ev in evs if ev.kind == "probe"]  # the trial's steps, not plotted as steps
+    assert probes and all("trying the start from base" in ev.message for ev in probes)
+    assert sum(ev.kind == "step" for ev in evs) == 12
     start = run.result.card.training["start"]
     assert start["chosen"] == "base" and list(start["probe_val_dice"]) == ["base"]
     assert start["probe_val_dice"]["base"] >= PROBE_BELOW_DICE

@@ -41,7 +41,8 @@ class TrainProgress:
     val_dice: float | None = None
     message: str = ""
     #: ``"step"`` after an optimiser step, ``"validate"`` while a validation pass (or the final
-    #: check against the base model) runs, ``"epoch"`` after an epoch's validation pass
+    #: check against the base model) runs, ``"epoch"`` after an epoch's validation pass,
+    #: ``"probe"`` after a step of the automatic start's trial (``TrainRun.choose_start``)
     kind: str = "step"
 
     @property

@@ -622,7 +622,7 @@ class TrainRun:
                 self.check_cancel()
                 loss = self.step()
                 msg = f"trying the start from {arm}: step {i + 1}/{n}"
-                yield self._progress(0, loss, 0, message=msg)
+                yield self._progress(0, loss, 0, message=msg, kind="probe")
                 timed_out = limit is not None and time.perf_counter() - t_arm >= limit
                 if arm == "base" and i + 1 >= MIN_PROBE_STEPS and timed_out:
                     self.total -= 2 * (n - i - 1)
