@@ -60,6 +60,20 @@ def test_a_good_base_is_kept_without_trying_scratch(tmp_path):
     assert start["chosen"] == "base" and "probe_steps" not in start
     assert not any("trying the start" in m for m in msgs)
     assert run.result.card.training["steps_run"] == 5 and not run.scratch
+    training = run.result.card.training  # a good base is refined at a lower learning rate
+    assert training["refining"] is True
+    assert training["lr_used"] == pytest.approx(cfg.lr * cfg.refine_lr_factor)
+    assert run.lr <= training["lr_used"] + 1e-12
+
+
+def test_a_poor_base_is_adapted_at_the_full_learning_rate(tmp_path):
+    reg = _base(tmp_path, steps=2)
+    cfg = tiny_config(epochs=1, steps_per_epoch=3, start="base", require_improvement=False)
+    r = train(cfg, discs(6, seed=31), val_samples=discs(3, seed=32), base=_dead(reg.load("v001")))
+    assert r.card.training["refining"] is False
+    assert r.card.training["lr_used"] == pytest.approx(cfg.lr)
+    with pytest.raises(InputError, match="refine_lr_factor"):
+        tiny_config(refine_lr_factor=0.0).validate()
 
 
 @pytest.mark.parametrize("mode", ["base", "scratch"])

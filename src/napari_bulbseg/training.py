@@ -113,6 +113,9 @@ class TrainConfig:
     ``start`` (fine-tuning only): begin from the base's weights, from new weights, or
     ``"auto"``: when the base does badly on the validation slices, train both starts briefly
     and continue with the better one (:meth:`TrainRun.choose_start`; recorded in the card).
+    ``refine_lr_factor``: when the base model already does well on the validation slices
+    before training (Dice >= :data:`PROBE_BELOW_DICE`: it is refined, not adapted to a new
+    kind of image), its fine-tuning runs at ``lr`` times this (measured: docs/model.md).
     ``warmup_steps``: the learning rate rises linearly to ``lr`` over this many steps
     (``None``: :data:`WARMUP_STEPS` from a base model's weights, 0 from new weights).
     ``require_improvement``: a new registry version becomes current only when it beats its
@@ -153,6 +156,7 @@ class TrainConfig:
     require_improvement: bool = True
     start: str = "auto"
     warmup_steps: int | None = None
+    refine_lr_factor: float = 0.3
 
     def validate(self) -> None:
         """Raise :class:`InputError` naming the first invalid setting."""
@@ -182,6 +186,9 @@ class TrainConfig:
             raise bad("channel_mode", f"use one of {', '.join(CHANNEL_MODES)}")
         if self.weights_dtype not in ("float32", "float16"):
             raise bad("weights_dtype", "use float32 or float16")
+        f = self.refine_lr_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
+            raise bad("refine_lr_factor", "use a factor in (0, 1]; 1 keeps the learning rate")
         w = self.warmup_steps
         if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
             raise bad("warmup_steps", "use a whole number of steps >= 0, or None (automatic)")
@@ -483,6 +490,8 @@ class TrainRun:
         self.best_val: Validation | None = None
         self.bad_epochs = 0
         self._base_scores: dict[str, float] | None = None
+        self.refining = False  # the base does well here: fine-tuned at a lower learning rate
+        self._arm_scratch = base is None
         self._step_time = self._val_time = 0.0
         self.t0 = time.perf_counter()
 
@@ -558,6 +567,7 @@ class TrainRun:
         ``scratch``, new weights of the base's architecture (a plain run's without a base)."""
         config, base = self.config, self.base
         torch.manual_seed(config.seed)
+        self._arm_scratch = scratch
         if base is None:
             model = UNet(UNetConfig(self.in_c, 1, config.base_channels, config.depth))
         elif scratch:
@@ -577,7 +587,7 @@ class TrainRun:
     def build_optimizer(self) -> None:
         config = self.config
         opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-        self.opt = opt_cls(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.opt = opt_cls(self.model.parameters(), lr=self.lr0, weight_decay=config.weight_decay)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.opt,
             mode="max",
@@ -586,6 +596,19 @@ class TrainRun:
             min_lr=config.min_lr,
         )
         self.arm_steps = 0  # steps of this model and optimiser (the warm-up counts these)
+
+    @property
+    def lr0(self) -> float:
+        """The learning rate of the model being trained (before warm-up and schedule)."""
+        refine = self.refining and not self._arm_scratch
+        return self.config.lr * (self.config.refine_lr_factor if refine else 1.0)
+
+    def decide_refining(self) -> None:
+        """Score the base on the validation slices (once; :meth:`judge` reuses it): a base
+        that already does well is refined at ``lr × refine_lr_factor``."""
+        self.refining = self.base_scores()["dice"] >= PROBE_BELOW_DICE
+        if self.refining:
+            self.build_optimizer()  # no step taken yet: the same optimiser at the lower rate
 
     def base_scores(self) -> dict[str, float]:
         """The base model on the validation slices, as :meth:`judge` scores it (computed once)."""
@@ -639,7 +662,7 @@ class TrainRun:
         state, rng = arms[chosen][1]
         self.model, self.opt, self.sched, self.freeze_bn, self.warmup, self.arm_steps = state
         self.rng.bit_generator.state = rng
-        self.scratch = chosen == "scratch"
+        self.scratch = self._arm_scratch = chosen == "scratch"
         self.total -= n
         if d_scratch is None:
             info.update(
@@ -719,7 +742,7 @@ class TrainRun:
         if self.arm_steps < self.warmup:
             f = min(1.0, (self.arm_steps + 1) / self.warmup)
             for group in self.opt.param_groups:
-                group["lr"] = self.config.lr * f
+                group["lr"] = self.lr0 * f
         self.opt.step()
         self.arm_steps += 1
         self.step_count += 1
@@ -857,6 +880,8 @@ class TrainRun:
                 "start": self.start_info,
                 "freeze_bn": self.freeze_bn,
                 "warmup_steps": self.warmup,
+                "refining": self.refining and not self.scratch,
+                "lr_used": self.lr0,
                 "channel_adaptation": self.adaptation,
                 "stop_reason": self.stop_reason,
                 "epochs_run": len(self.history),
@@ -1002,6 +1027,9 @@ class TrainRun:
     def _events(self) -> Generator[TrainProgress, None, TrainResult]:
         config = self.config
         self.setup()
+        if self.base is not None and config.start != "scratch":
+            yield self._progress(0, 0.0, 0, message="scoring the base model", kind="validate")
+            self.decide_refining()
         if self.base is not None and config.start == "auto":
             yield from self.choose_start()
         for epoch in range(1, config.epochs + 1):
