@@ -757,13 +757,15 @@ class TrainRun:
         model.eval()
         losses, probs = [], []
         try:
-            with torch.no_grad():
-                for i, p in enumerate(self.val_p):
+            for i, p in enumerate(self.val_p):
+                # no_grad per image, never across the yield: grad mode is global to the thread,
+                # and a caller that abandons this generator must not be left without gradients
+                with torch.no_grad():
                     logits, prob = predict_whole(model, p.image, self.device)
                     target = torch.from_numpy(p.mask.astype(np.float32)).to(self.device)
                     losses.append(float(self.loss_fn(logits[None, None], target[None, None])))
-                    probs.append(prob)
-                    yield i
+                probs.append(prob)
+                yield i
         finally:
             model.train(was_training)
             if model is self.model and self.freeze_bn:
