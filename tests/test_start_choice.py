@@ -47,6 +47,8 @@ def test_a_useless_base_is_replaced_by_training_from_scratch(tmp_path):
     saved = reg.load(result.version_id).card  # the record survives the round trip
     assert saved.training["start"] == start and saved.training["config"]["start"] == "auto"
     assert result.made_current  # it beats the dead base on the held-out slices
+    assert "trained from new weights" in result.start_note  # what the panel and CLI say
+    assert result.start_note in result.summary()
 
 
 def test_a_good_base_is_kept_without_trying_scratch(tmp_path):
@@ -60,6 +62,7 @@ def test_a_good_base_is_kept_without_trying_scratch(tmp_path):
     assert start["chosen"] == "base" and "probe_steps" not in start
     assert not any("trying the start" in m for m in msgs)
     assert run.result.card.training["steps_run"] == 5 and not run.scratch
+    assert run.result.start_note == ""  # nothing to say when the base was kept
     training = run.result.card.training  # a good base is refined at a lower learning rate
     assert training["refining"] is True
     assert training["lr_used"] == pytest.approx(cfg.lr * cfg.refine_lr_factor)
