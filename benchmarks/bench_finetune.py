@@ -138,6 +138,7 @@ def run_ours(
         channel_mode=args.channel_mode,
         freeze_bn=args.freeze_bn,
         start=args.start,
+        refine_lr_factor=args.refine_lr_factor,
         num_threads=args.threads,
         device="cpu",
     )
@@ -213,6 +214,8 @@ def run_ours(
         "channel_policy": card.channel_policy,
         "freeze_bn": card.training["freeze_bn"],
         "start": card.training.get("start"),
+        "refining": card.training.get("refining"),
+        "lr_used": card.training.get("lr_used"),
         "val_threshold_curve": [[t, round(d, 4)] for t, d in card.threshold_curve],
     }
     run.info["config"]["time_budget_s"] = args.budget
@@ -359,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--channel-mode", default=None, choices=["adapt", "convert"])
     g.add_argument("--freeze-bn", default=None, choices=["auto", "true", "false"])
     g.add_argument("--start", default=None, choices=["auto", "base", "scratch"])
+    g.add_argument("--refine-lr-factor", type=float, default=None)
     args = ap.parse_args(argv)
 
     import torch
@@ -377,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         "loss",
         "channel_mode",
         "start",
+        "refine_lr_factor",
     ):
         if getattr(args, name) is None:
             setattr(args, name, getattr(defaults, name))
