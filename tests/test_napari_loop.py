@@ -160,9 +160,17 @@ def test_finetune_says_what_it_will_train_on(make_napari_viewer, qtbot, tmp_path
     assert "6 reviewed slice(s) ready" in ft.ready_lbl.value
     ft.epochs.value, ft.steps.value, ft.patch.value = 1, 1, 32
     ft.then_predict.value = False  # this test re-predicts itself (or not at all)
+    said: list[str] = []  # every status line, however soon the next event replaces it
+    shown = ft._on_progress
+
+    def record(ev):
+        shown(ev)
+        said.append(str(ft.status.value))
+
+    ft._on_progress = record
     ft.start()  # the split is worked out in the worker and said before the first step
-    qtbot.waitUntil(lambda: "held out" in ft.status.value or not ft.running, timeout=30000)
-    msg = ft.status.value
+    qtbot.waitUntil(lambda: any("held out" in m for m in said) or not ft.running, timeout=30000)
+    msg = next((m for m in said if "held out" in m), " | ".join(said))
     assert "held out to validate" in msg
     n_train = int(msg.split("Fine-tuning on ")[1].split(" ")[0])
     n_val = int(msg.split("; ")[1].split(" ")[0])
