@@ -212,3 +212,61 @@ def test_object_size_field_rescales_inside_and_says_so(
     seg.run_btn.native.click()
     qtbot.waitUntil(lambda: not seg.running, timeout=30000)
     assert "not a number" in seg.status.value
+
+
+# --------------------------------------------------------------------------- layer order
+
+
+def test_prediction_layer_comes_first_and_the_probabilities_a_turn_later(
+    make_napari_viewer, qtbot, tmp_path, bulbseg_home
+):
+    """napari needs 0.1–0.3 s per new layer: the watched prediction layer is made at once, the
+    hidden probability layer on a later event-loop turn — showing the session's own cache,
+    hidden, with the scale metadata, and without stealing the selection."""
+    from napari_bulbseg._widgets._session import get_session
+
+    viewer = make_napari_viewer()
+    image = _open_phantom(viewer, tmp_path)
+    seg = open_dock(viewer, "Segment")
+    _folder_model(seg, _scaled_model(tmp_path))  # trained at 20 px
+    seg.diameter.value = "40"
+    s = get_session(viewer)
+    at_start = []
+    s.events.prediction_started.connect(
+        lambda: at_start.append((s.pred_layer is not None, s.prob_layer is not None))
+    )
+    seg.run_btn.native.click()
+    qtbot.waitUntil(lambda: bool(at_start), timeout=30000)  # after the model has loaded
+    assert at_start == [(True, False)]
+    qtbot.waitUntil(lambda: not seg.running and s.prob_layer is not None, timeout=30000)
+    prob = s.prob_layer
+    assert prob.data is s.prob and not prob.visible
+    assert prob.metadata["bulbseg_diameter_px"] == pytest.approx(40.0)
+    assert prob.metadata["bulbseg_zoom"] == s.pred_layer.metadata["bulbseg_zoom"]
+    assert viewer.layers.selection.active is image
+    # a second prediction reuses both layers and adds none
+    names = [layer.name for layer in viewer.layers]
+    seg.run_btn.native.click()
+    qtbot.waitUntil(lambda: not seg.running, timeout=30000)
+    qtbot.wait(300)
+    assert [layer.name for layer in viewer.layers] == names
+    assert s.prob_layer is prob and prob.data is s.prob
+
+
+def test_a_superseded_cache_gets_no_probability_layer(
+    make_napari_viewer, qtbot, tmp_path, bulbseg_home
+):
+    """When a new prediction replaces the cache before the deferred layer is made, only the
+    new prediction's probability layer appears (none showing a stale cache)."""
+    from napari_bulbseg._widgets._session import get_session
+
+    viewer = make_napari_viewer()
+    first = _open_phantom(viewer, tmp_path)
+    second = viewer.add_image(np.zeros((2, 48, 40), np.float32), name="other")
+    s = get_session(viewer)
+    s.begin_prediction(first)
+    _, prob = s.begin_prediction(second)
+    qtbot.wait(600)
+    probs = [layer.name for layer in viewer.layers if layer.name.endswith("probability")]
+    assert probs == [second.name + " probability"]
+    assert viewer.layers[probs[0]].data is prob

@@ -116,6 +116,7 @@ def test_our_layers_carry_the_image_units(
     s = get_session(viewer)
     seg.run_btn.native.click()
     qtbot.waitUntil(lambda: not seg.running, timeout=30000)
+    qtbot.waitUntil(lambda: s.prob_layer is not None, timeout=5000)  # added a turn later
     rw = open_dock(viewer, "Review & correct")
     rw.reference.value = gt
     rw.start_btn.native.click()

@@ -8,7 +8,7 @@ exception into a :class:`Failed` result, and :func:`start_job` shows it with ``s
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,11 +125,14 @@ def start_job(
     return worker
 
 
-def warm_imports(*modules: str) -> None:
-    """Import ``modules`` in a background thread, so that the first use of a heavy engine
-    module (scipy's optimisers, torch's training code) does not freeze the viewer."""
+def warm_imports(*modules: str, calls: Iterable[Callable[[], Any]] = ()) -> None:
+    """Import ``modules`` (then run ``calls``) in a background thread, so that the first use
+    of a heavy module (scipy's optimisers, torch's training code, vispy's line patterns) does
+    not freeze the viewer."""
     import importlib
     import threading
+
+    todo = list(calls)
 
     def _go() -> None:
         for name in modules:
@@ -137,5 +140,10 @@ def warm_imports(*modules: str) -> None:
                 importlib.import_module(name)
             except Exception:  # the real import, later, reports it
                 log.debug("warm import of %s failed", name, exc_info=True)
+        for call in todo:
+            try:
+                call()
+            except Exception:  # a cache left cold costs time, never correctness
+                log.debug("warm-up call %r failed", call, exc_info=True)
 
     threading.Thread(target=_go, name="bulbseg-warm-imports", daemon=True).start()

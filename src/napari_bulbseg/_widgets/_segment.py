@@ -25,7 +25,7 @@ from qtpy.QtCore import QTimer
 from ..options import DEFAULT_OVERLAP, DEFAULT_TILE
 from . import _text as T
 from ._export import ModelExporter
-from ._jobs import start_job, user_message
+from ._jobs import start_job, user_message, warm_imports
 from ._layers import current_index, n_slices
 from ._models import FOLDER, ModelChoice, load_choice, model_choices
 from ._qt import Connections, OrderedComboBox, tabify_with_siblings, text_label
@@ -85,6 +85,15 @@ def _warm_up() -> None:
     from .. import inference  # noqa: F401 - torch and the engine, once
 
     Labels(np.zeros((2, 2), np.uint8))
+    # the first Labels layer on the canvas builds vispy's dash patterns (~0.1 s of numpy):
+    # a background thread can do that while the dock opens
+    warm_imports(calls=(_warm_vispy_lines,))
+
+
+def _warm_vispy_lines() -> None:
+    from vispy.visuals.line.dash_atlas import DashAtlas
+
+    DashAtlas()  # fills the module's pattern cache, which every later atlas reuses
 
 
 class SegmentWidget(Container):

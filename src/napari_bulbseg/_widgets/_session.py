@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 #: delay between the last post-processing change and the background pass over other slices
 REFRESH_DELAY_MS = 120
+#: the probability layer of a new image is added this long after its prediction layer, so
+#: that napari draws the one the user watches before it builds the other
+PROB_LAYER_DELAY_MS = 150
 _SESSIONS: weakref.WeakKeyDictionary[Any, Session] = weakref.WeakKeyDictionary()
 
 
@@ -197,6 +200,10 @@ class Session:
         """Allocate the probability cache and (re)create the probability and prediction layers.
 
         Returns the (Z, Y, X[, C]) image stack and the float16 (Z, Y, X) cache to fill.
+
+        napari takes 0.1–0.3 s to add one layer (its visuals and overlays), so a new image's
+        layers are not made in one go: the prediction layer (what the user watches) now, the
+        hidden probability layer on a later turn of the event loop (:meth:`_add_prob_layer`).
         """
         viewer = self.viewer
         follow = self._untouched_slices(image)
@@ -207,16 +214,6 @@ class Session:
         two_d = image.ndim == 2
         prob_view = prob[0] if two_d else prob
         pred = np.zeros(prob.shape[1:] if two_d else prob.shape, dtype=np.uint8)
-        upsert_image(
-            viewer,
-            image.name + T.PROB_SUFFIX,
-            prob_view,
-            image,
-            colormap="magma",
-            contrast_limits=(0.0, 1.0),
-            blending="additive",
-            visible=False,
-        )
         upsert_labels(
             viewer,
             image.name + T.PRED_SUFFIX,
@@ -225,9 +222,38 @@ class Session:
             opacity=0.45,
             colormap=binary_colormap(PRED_RGBA),
         )
+        if self.prob_layer is not None:
+            self.prob_layer.data = prob_view
+        else:
+            QTimer.singleShot(PROB_LAYER_DELAY_MS, lambda: self._add_prob_layer(image, prob))
         viewer.layers.selection.active = image
         self.events.prediction_started.emit()
         return stack, prob
+
+    def _add_prob_layer(self, image: Image, prob: np.ndarray) -> None:
+        """Add the hidden probability layer of ``image`` for cache ``prob``, unless a newer
+        prediction replaced that cache or the image is gone (their own call adds it then)."""
+        if self.prob is not prob or image not in self.viewer.layers:
+            return
+        if self.prob_layer is not None:
+            return
+        active = self.viewer.layers.selection.active
+        layer = upsert_image(
+            self.viewer,
+            image.name + T.PROB_SUFFIX,
+            prob[0] if image.ndim == 2 else prob,
+            image,
+            colormap="magma",
+            contrast_limits=(0.0, 1.0),
+            blending="additive",
+            visible=False,
+        )
+        pred = self.pred_layer
+        if pred is not None:  # a prediction that ended first recorded its scale there
+            for key in ("bulbseg_diameter_px", "bulbseg_zoom"):
+                if key in pred.metadata:
+                    layer.metadata[key] = pred.metadata[key]
+        self.viewer.layers.selection.active = active  # adding a layer selects it: undo that
 
     def _untouched_slices(self, image: Image) -> set[int]:
         """Unreviewed slices whose corrections still equal the prediction (never painted)."""
