@@ -179,6 +179,33 @@ def test_finetune_says_what_it_will_train_on(make_napari_viewer, qtbot, tmp_path
     assert ft.result is not None, ft.status.value
 
 
+def test_start_from_new_weights_is_what_the_version_records(
+    make_napari_viewer, qtbot, tmp_path, bulbseg_home
+):
+    """Start from "new weights", chosen in the dock's combo box, trains new weights of the base's
+    shape (no trial of two starts) and the new version's card says so."""
+    from napari_bulbseg._widgets._models import get_registry
+
+    viewer = make_napari_viewer()
+    s, _seg, _rw, ft = _corrected_bulbs(viewer, qtbot, tmp_path)
+    for z in range(6):
+        s.set_reviewed(z, True)
+    assert ft.start_from.value == "auto"  # the default
+    assert "Dice 0.5" in ft.start_from.native.toolTip()  # says what auto does
+    box = ft.start_from.native
+    box.setCurrentIndex(box.findText("new weights"))  # as a click on the list would
+    assert ft.start_from.value == "scratch"
+    ft.epochs.value, ft.steps.value, ft.patch.value = 1, 1, 32
+    ft.only_better.value, ft.then_predict.value = False, False
+    ft.start()
+    qtbot.waitUntil(lambda: not ft.running, timeout=60000)
+    assert ft.result is not None, ft.status.value
+    training = get_registry().load(ft.result.version_id).card.training
+    assert training["start"] == {"mode": "scratch"}  # fixed by the user: no automatic trial
+    assert training["from_scratch"] is True and training["refining"] is False
+    assert ft.result.card.parent.startswith("a@")  # still a fine-tune of the session's model
+
+
 def test_a_version_that_is_not_better_is_saved_but_not_made_current(
     make_napari_viewer, qtbot, tmp_path, bulbseg_home, monkeypatch
 ):

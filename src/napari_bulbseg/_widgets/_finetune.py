@@ -19,6 +19,7 @@ from magicgui.widgets import (
 )
 from napari.utils.notifications import show_info, show_warning
 
+from ..options import START_MODES
 from . import _text as T
 from ._jobs import start_job, user_message, warm_imports
 from ._layers import as_stack
@@ -83,6 +84,12 @@ class FinetuneWidget(Container):
         warm_imports("napari_bulbseg.training", "torch._dynamo", "torch.optim")
         self.ready_lbl = text_label(T.LBL_NEED_REVIEW)
         self.loss = ComboBox(label="Loss", choices=LOSSES, value="focal+dice", tooltip=T.TIP_LOSS)
+        self.start_from = ComboBox(
+            label=T.LBL_START,
+            choices=[(T.START_NAMES[m], m) for m in START_MODES],
+            value="auto",
+            tooltip=T.TIP_START,
+        )
         self.epochs = SpinBox(label="Epochs", value=10, min=1, max=1000, tooltip=T.TIP_EPOCHS)
         self.steps = SpinBox(label="Steps/epoch", value=25, min=1, max=10000)
         self.patch = SpinBox(label="Patch size", value=256, min=32, max=2048, step=32)
@@ -103,6 +110,7 @@ class FinetuneWidget(Container):
             [
                 self.ready_lbl,
                 self.loss,
+                self.start_from,
                 self.epochs,
                 self.steps,
                 self.patch,
@@ -163,6 +171,7 @@ class FinetuneWidget(Container):
             time_budget_s=minutes * 60 if minutes > 0 else None,
             patch_size=int(self.patch.value),
             loss=str(self.loss.value),
+            start=str(self.start_from.value),
             device="auto",
             require_improvement=bool(self.only_better.value),
             # leave one core to napari so the viewer stays responsive

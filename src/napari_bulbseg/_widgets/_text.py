@@ -144,6 +144,14 @@ MSG_AUTOSAVE_FAIL = "Could not autosave corrections: {err}"
 # --------------------------------------------------------------------------- fine-tune
 TIP_LOSS = "Training loss: focal+dice suits small or thin objects; bce is the classic choice."
 TIP_EPOCHS = "Passes over the reviewed slices."
+LBL_START = "Start from"
+#: the names shown for ``options.START_MODES``
+START_NAMES = {"auto": "auto", "base": "base model", "scratch": "new weights"}
+TIP_START = (
+    "auto: the base model is scored on the held-out slices first; below Dice 0.5 a short trial "
+    "on the same patches decides between refining it and new weights. base model: always "
+    "refine the current model. new weights: train a new model of the same shape."
+)
 TIP_BUDGET = (
     "Stop after this many minutes even if epochs remain (0 = no limit). The best validated "
     "epoch so far is kept."
