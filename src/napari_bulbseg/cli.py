@@ -277,20 +277,87 @@ def _predict_inputs(args: argparse.Namespace) -> tuple[OutputFolder, list[Path]]
 # --------------------------------------------------------------------------- commands
 
 
+def _predict_on_cluster(args: argparse.Namespace) -> int:
+    """``bulbseg predict … --cluster local:N | --scheduler ADDRESS``: returns the exit status
+    (0: every file done or skipped; 1: some failed, named in the summary)."""
+    from .cluster import iter_run, open_client, parse_cluster, require_distributed
+    from .cohort import (
+        SLICES_PER_TASK,
+        ModelRef,
+        OutputLock,
+        Summary,
+        new_staging_dir,
+        options_key,
+        output_names,
+        plan,
+        remove_staging_dir,
+        warm_up,
+    )
+
+    if args.cluster is not None:
+        parse_cluster(args.cluster)  # a bad spec fails before anything else
+    require_distributed()
+    folder, files = _predict_inputs(args)
+    with OutputLock(folder.path):
+        loaded = _load_model(args.model, "cpu")  # checked here, loaded again on workers
+        spec = _postprocess_from(args, loaded.card)
+        options = _predict_options(args)
+        model = ModelRef.of(loaded)
+        write_prob = not args.no_prob
+        slices_per_task = getattr(args, "slices_per_task", None)
+        if slices_per_task is None:
+            slices_per_task = SLICES_PER_TASK
+        key = options_key(options, spec, args.diameter, write_prob)
+        todo, skipped = plan(files, folder, model.sha256, key)
+        folder.check_targets(n for it in todo for n in output_names(it.path, write_prob))
+        summary = Summary(total=len(files), skipped=skipped)
+        where = f"cluster {args.cluster}" if args.cluster else f"scheduler {args.scheduler}"
+        print(
+            f"model {loaded.name} ({model.sha256[:12]}…); {spec}; {len(todo)} file(s) to do, "
+            f"{len(skipped)} already finished; {where}",
+            file=sys.stderr,
+        )
+        if todo:
+            staging = new_staging_dir(folder.path)
+            try:
+                with open_client(args.cluster, args.scheduler) as (client, threads, startup):
+                    t0 = time.perf_counter()
+                    client.run(warm_up)  # torch imported on the workers before the clock starts
+                    summary.startup_s = startup + time.perf_counter() - t0
+                    gen = iter_run(
+                        client,
+                        todo,
+                        folder,
+                        staging,
+                        model,
+                        options,
+                        spec,
+                        diameter=args.diameter,
+                        write_prob=write_prob,
+                        threads=threads,
+                        summary=summary,
+                        slices_per_task=slices_per_task,
+                    )
+                    _run_with_bar(gen, "predict")
+            finally:
+                remove_staging_dir(staging)
+    for line in summary.lines():
+        print(_printable(line))
+    return 1 if summary.failed else 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .cohort import iter_predict_file, output_names
 
     if args.rank and args.no_prob:
         raise InputError("--rank scores the probability maps", "drop --no-prob to use --rank")
     if args.cluster is not None or args.scheduler is not None:
-        from .cluster import predict_on_cluster
-
         if args.rank:
             raise InputError(
                 "--rank is not done on a cluster",
                 f"run 'bulbseg rank {args.output} -o ranking.csv' once the predictions are written",
             )
-        return predict_on_cluster(args)
+        return _predict_on_cluster(args)
     folder, files = _predict_inputs(args)
     folder.check_targets(n for f in files for n in output_names(f, not args.no_prob))
     loaded = _load_model(args.model, args.device)

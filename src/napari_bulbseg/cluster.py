@@ -20,7 +20,6 @@ it would a whole file's: the file is recorded once, when every range is done.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -33,11 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from .cohort import (
-    SLICES_PER_TASK,
     FileRecord,
     Item,
     ModelRef,
-    OutputLock,
     RunLog,
     Summary,
     commit,
@@ -46,15 +43,10 @@ from .cohort import (
     is_auto,
     measure_scale,
     merge_parts,
-    new_staging_dir,
     options_key,
-    output_names,
-    plan,
     predict_range,
     predict_task,
-    remove_staging_dir,
     slice_ranges,
-    warm_up,
 )
 from .errors import InputError
 from .events import Progress
@@ -320,60 +312,3 @@ def _failed(
         options=options_key(options, postprocess, diameter, write_prob),
         error=describe_error(e),
     )
-
-
-def predict_on_cluster(args: argparse.Namespace) -> int:
-    """``bulbseg predict … --cluster local:N | --scheduler ADDRESS``: returns the exit status
-    (0: every file done or skipped; 1: some failed, named in the summary)."""
-    from . import cli
-
-    if args.cluster is not None:
-        parse_cluster(args.cluster)  # a bad spec fails before anything else
-    require_distributed()
-    folder, files = cli._predict_inputs(args)
-    with OutputLock(folder.path):
-        loaded = cli._load_model(args.model, "cpu")  # checked here, loaded again on workers
-        spec = cli._postprocess_from(args, loaded.card)
-        options = cli._predict_options(args)
-        model = ModelRef.of(loaded)
-        write_prob = not args.no_prob
-        slices_per_task = getattr(args, "slices_per_task", None)
-        if slices_per_task is None:
-            slices_per_task = SLICES_PER_TASK
-        key = options_key(options, spec, args.diameter, write_prob)
-        todo, skipped = plan(files, folder, model.sha256, key)
-        folder.check_targets(n for it in todo for n in output_names(it.path, write_prob))
-        summary = Summary(total=len(files), skipped=skipped)
-        where = f"cluster {args.cluster}" if args.cluster else f"scheduler {args.scheduler}"
-        print(
-            f"model {loaded.name} ({model.sha256[:12]}…); {spec}; {len(todo)} file(s) to do, "
-            f"{len(skipped)} already finished; {where}",
-            file=sys.stderr,
-        )
-        if todo:
-            staging = new_staging_dir(folder.path)
-            try:
-                with open_client(args.cluster, args.scheduler) as (client, threads, startup):
-                    t0 = time.perf_counter()
-                    client.run(warm_up)  # torch imported on the workers before the clock starts
-                    summary.startup_s = startup + time.perf_counter() - t0
-                    gen = iter_run(
-                        client,
-                        todo,
-                        folder,
-                        staging,
-                        model,
-                        options,
-                        spec,
-                        diameter=args.diameter,
-                        write_prob=write_prob,
-                        threads=threads,
-                        summary=summary,
-                        slices_per_task=slices_per_task,
-                    )
-                    cli._run_with_bar(gen, "predict")
-            finally:
-                remove_staging_dir(staging)
-    for line in summary.lines():
-        print(cli._printable(line))
-    return 1 if summary.failed else 0
