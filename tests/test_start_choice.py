@@ -183,3 +183,25 @@ def test_a_base_that_learns_the_new_images_quickly_is_kept_without_new_weights(
     # the probe's steps are the first steps of the run that goes on
     assert run.result.card.training["steps_run"] == start["probe_steps"] + 12
     assert run.result.card.training["freeze_bn"] is True and run.warmup > 0
+
+
+def test_validation_slices_without_objects_keep_the_base_without_a_trial(tmp_path):
+    """Empty validation slices give any model Dice 0: that is no evidence against the base."""
+    import numpy as np
+
+    from napari_bulbseg.data import Sample
+
+    reg = _base(tmp_path, steps=2)
+    base = reg.load("v001")
+    empty = [
+        Sample(image=s.image, mask=np.zeros_like(s.mask), key=f"empty-{i}")
+        for i, s in enumerate(discs(2, seed=32))
+    ]
+    cfg = tiny_config(epochs=1, steps_per_epoch=3, require_improvement=False)
+    run = TrainRun(cfg, discs(6, seed=31), val_samples=empty, base=base)
+    msgs = [ev.message for ev in _events(run)]
+    start = run.result.card.training["start"]
+    assert start["chosen"] == "base" and "probe_steps" not in start
+    assert "no objects" in start["reason"]
+    assert not any("trying the start" in m for m in msgs)
+    assert not run.scratch and run.result.card.training["steps_run"] == 3

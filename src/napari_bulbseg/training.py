@@ -623,10 +623,20 @@ class TrainRun:
         steps, at most one epoch) and validate: if it has reached that Dice, go on with it.
         Only if not, train new weights for the same steps on the same patches and go on with
         whichever validates better — the base on a tie. The answer is in the card
-        (``training.start``)."""
+        (``training.start``).
+
+        Validation slices without a single object pixel (the empty end slices of a stack) give
+        every model Dice 0, whatever it predicts there: they cannot tell a useless base from a
+        good one, so the base is kept."""
         before = self.base_scores()["dice"]
         info = self.start_info
         info["base_dice_before"] = round(before, 4)
+        if not any(np.any(np.asarray(s.mask) > 0) for s in self.val_s):
+            info.update(
+                chosen="base",
+                reason="the validation slices hold no objects, so Dice cannot judge the base",
+            )
+            return
         if before >= PROBE_BELOW_DICE:
             info.update(chosen="base", reason=f"the base model reaches Dice {before:.3f} here")
             return
