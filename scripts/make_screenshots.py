@@ -236,7 +236,6 @@ def main() -> int:
         corr.data_setitem((np.full(idx[0].shape, z), *idx), gt.data[z][idx])
         rev.next_btn.native.click()
     print("reviewed:", sorted(s.reviewed))
-    z_show = s.displayed()
     wait(qapp, lambda: rev.corrections.saver is not None and rev.corrections.saver.idle)
     rev_metrics(rev, qapp)
     rev._sync_reviewed()
@@ -255,6 +254,9 @@ def main() -> int:
     corr.visible = False
     rev.reference.value = gt
     rev_metrics(rev, qapp)
+    # the re-prediction on a slice nobody corrected: the one with the most bulb in the truth
+    unreviewed = [z for z in range(gt.data.shape[0]) if z not in s.reviewed]
+    z_show = max(unreviewed, key=lambda z: int((gt.data[z] > 0).sum()))
     viewer.dims.set_point(0, z_show)
     wait(qapp, lambda: not rev._slice_timer.isActive() and rev._stack_worker is None)
     print(rev.slice_lbl.value, "|", rev.summary_lbl.value)
