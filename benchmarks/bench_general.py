@@ -5,11 +5,12 @@ Usage (from the repository root; data in ../shared/data)::
     python benchmarks/bench_general.py                       # the bundled model
     python benchmarks/bench_general.py --model path/to/model --baseline bundled
     python benchmarks/bench_general.py --rescale-images 20   # fewer images for the 0.5×/2× rows
+    python benchmarks/bench_general.py --sources dsb2018-stained --limit 20   # one source
 
 For each source's validation split (bbbc039/val; the fixed per-file splits of dsb2018-fluo and
 dsb2018-stained made by ``scripts/train_default_model.py``) it runs the real prediction path
-(``inference.predict``: card normalisation, tiling, the card's threshold) with no diameter (the
-image's own scale) and with ``diameter="auto"``, and prints the pooled pixel Dice, the ratio to
+(``inference.predict``: card normalisation, tiling, the card's threshold) at the image's own
+scale (``diameter="none"``) and with ``diameter="auto"`` (the bundled model's default), and prints the pooled pixel Dice, the ratio to
 plain Otsu on the same images (luminance; objects = the brighter class for fluorescence, the
 darker class for stained tissue — Otsu's best case), and the same for a baseline model. Then the
 images (and masks) are rescaled 0.5× and 2× and predicted with and without ``auto``.
@@ -89,8 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rescale-images", type=int, default=20, help="images per source, 0 = skip")
     ap.add_argument("--limit", type=int, default=0, help="validation images per source (0 = all)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sources", default=",".join(SOURCES), help="comma-separated sources")
     ap.add_argument("--seed", type=int, default=0, help="the split seed of the training script")
     args = ap.parse_args(argv)
+    picked = [p.strip() for p in args.sources.split(",") if p.strip()]
+    if not picked or any(p not in SOURCES for p in picked):
+        ap.error(f"--sources: choose among {', '.join(SOURCES)}")
     if not (args.data / "bbbc039").is_dir():
         print(f"no data under {args.data}; skipping", file=sys.stderr)
         return 0
@@ -111,15 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         "ratio to Otsu |" + (" baseline | ratio |" if base else "")
     )
     print("|---|---|---|---|---|---|---|" + ("---|---|" if base else ""))
-    for src in SOURCES:
+    for src in picked:
         val = sources[src][1]
         t0 = time.perf_counter()
         o = pooled([(otsu(s.image, src == "dsb2018-stained"), s.mask) for s in val])
-        m = pooled(model_masks(loaded, val, None, options))
+        m = pooled(model_masks(loaded, val, "none", options))
         a = pooled(model_masks(loaded, val, "auto", options)) if loaded.card.diameter else m
         row = f"| {src} | {len(val)} | {o:.4f} | {m:.4f} | {m / o:.2f} | {a:.4f} | {a / o:.2f} |"
         if base is not None:
-            b = pooled(model_masks(base, val, None, options))
+            b = pooled(model_masks(base, val, "none", options))
             row += f" {b:.4f} | {b / o:.2f} |"
         print(row + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -127,14 +132,19 @@ def main(argv: list[str] | None = None) -> int:
         print("\nRescaled images (first", args.rescale_images, "validation images per source)")
         print("| source | factor | Dice, no diameter | Dice, auto | Dice at 1×, auto |")
         print("|---|---|---|---|---|")
-        for src in SOURCES:
+        for src in picked:
             val = sources[src][1][: args.rescale_images]
             ref = pooled(model_masks(loaded, val, "auto", options))
             for f in (0.5, 2.0):
                 rs = rescaled(val, f)
-                n = pooled(model_masks(loaded, rs, None, options))
+                n = pooled(model_masks(loaded, rs, "none", options))
+                t0 = time.perf_counter()
                 a = pooled(model_masks(loaded, rs, "auto", options))
-                print(f"| {src} | {f:g}× | {n:.4f} | {a:.4f} | {ref:.4f} |", flush=True)
+                dt = time.perf_counter() - t0
+                print(
+                    f"| {src} | {f:g}× | {n:.4f} | {a:.4f} | {ref:.4f} |  (auto {dt:.0f} s)",
+                    flush=True,
+                )
     return 0
 
 

@@ -85,6 +85,44 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
 
 
+class _Halving(_Threshold):
+    """A stand-in that cuts every object wider than 1.5× the trained 30 px (in its own input's
+    pixels) in two: the way a U-Net fragments objects far from its trained size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from scipy import ndimage as ndi
+
+        m = (x[:, 0] > 0.5).numpy()
+        for k in range(m.shape[0]):
+            labels, _ = ndi.label(m[k])
+            for i, sl in enumerate(ndi.find_objects(labels), start=1):
+                if 2 * math.sqrt(np.count_nonzero(labels[sl] == i) / math.pi) > 45:
+                    cx = (sl[1].start + sl[1].stop) // 2
+                    m[k, sl[0], cx - 1 : cx + 2] = False
+        return self.scale * (torch.from_numpy(m[:, None].astype(np.float32)) - 0.5)
+
+
+@pytest.mark.parametrize("diameter", [20.0, 80.0])
+def test_auto_measures_again_at_the_corrected_scale(diameter: float) -> None:
+    """Objects fragmented at the trained scale (80 px discs cut in halves: 57 px measured) are
+    measured again at the zoom that first figure asks for, where they are whole."""
+    img = _discs((400, 400), diameter, max(2.5 * diameter, 130.0))
+    loaded = LoadedModel(_Halving().eval(), ModelCard(diameter=30.0))
+    scales = []
+    opts = PredictOptions(device="cpu", tile=512, overlap=32)  # one tile: no cut seams
+    gen = iter_predict(loaded, img[None], opts, diameter="auto", on_scale=scales.append)
+    events = []
+    try:
+        while True:
+            events.append(next(gen))
+    except StopIteration as stop:
+        prob = np.asarray(stop.value, dtype=np.float32)
+    assert scales[0].diameter == pytest.approx(diameter, rel=0.15)
+    assert _dice(prob[0] >= 0.5, img > 500) > 0.95  # predicted whole, at the measured scale
+    # only the final pass finishes the slice
+    assert [z for ev in events for z in ev.finished] == [0]
+
+
 def test_auto_on_empty_image_keeps_trained_scale() -> None:
     img = np.random.default_rng(1).normal(100, 2, size=(128, 160)).astype(np.float32)
     img[:] = 100.0  # constant: nothing above threshold

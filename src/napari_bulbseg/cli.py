@@ -293,6 +293,7 @@ def _predict_on_cluster(args: argparse.Namespace) -> int:
         remove_staging_dir,
         warm_up,
     )
+    from .scale import requested_diameter
 
     if args.cluster is not None:
         parse_cluster(args.cluster)  # a bad spec fails before anything else
@@ -303,11 +304,12 @@ def _predict_on_cluster(args: argparse.Namespace) -> int:
         spec = _postprocess_from(args, loaded.card)
         options = _predict_options(args)
         model = ModelRef.of(loaded)
+        diameter = requested_diameter(args.diameter, loaded.card.default_diameter)
         write_prob = not args.no_prob
         slices_per_task = getattr(args, "slices_per_task", None)
         if slices_per_task is None:
             slices_per_task = SLICES_PER_TASK
-        key = options_key(options, spec, args.diameter, write_prob)
+        key = options_key(options, spec, diameter, write_prob)
         todo, skipped = plan(files, folder, model.sha256, key)
         folder.check_targets(n for it in todo for n in output_names(it.path, write_prob))
         summary = Summary(total=len(files), skipped=skipped)
@@ -332,7 +334,7 @@ def _predict_on_cluster(args: argparse.Namespace) -> int:
                         model,
                         options,
                         spec,
-                        diameter=args.diameter,
+                        diameter=diameter,
                         write_prob=write_prob,
                         threads=threads,
                         summary=summary,
@@ -348,6 +350,7 @@ def _predict_on_cluster(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .cohort import iter_predict_file, output_names
+    from .scale import requested_diameter
 
     if args.rank and args.no_prob:
         raise InputError("--rank scores the probability maps", "drop --no-prob to use --rank")
@@ -363,6 +366,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     loaded = _load_model(args.model, args.device)
     spec = _postprocess_from(args, loaded.card)
     options = _predict_options(args)
+    diameter = requested_diameter(args.diameter, loaded.card.default_diameter)
     print(f"model {loaded.name} on {loaded.device}; {spec}", file=sys.stderr)
     probs: list[Path] = []
     for i, f in enumerate(files, 1):
@@ -372,7 +376,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             loaded,
             options,
             spec,
-            diameter=args.diameter,
+            diameter=diameter,
             write_prob=not args.no_prob,
             on_written=folder.record,
         )
@@ -686,8 +690,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--diameter",
         default=None,
-        help="object diameter in pixels, or 'auto' (measured); images are rescaled internally "
-        "to the model's trained diameter, outputs keep the input's size (default: no rescaling)",
+        help="object diameter in pixels, 'auto' (measured) or 'none' (the image's own scale); "
+        "images are rescaled internally to the model's trained diameter, outputs keep the "
+        "input's size (default: the model card's default_diameter — 'auto' for the bundled "
+        "model, the fine-tuning data's size for a fine-tuned version)",
     )
     _add_predict_options(p)
     where = p.add_mutually_exclusive_group()

@@ -453,12 +453,14 @@ def measure_scale(
     path: str, model: ModelRef, options: Any, diameter: float | str | None
 ) -> dict[str, Any]:
     """The object scale a whole-stack prediction of ``path`` would use, measured once for all
-    its slice ranges: ``{"diameter": px or None, "message": …}`` plus the task's timing, or
+    its slice ranges: ``{"diameter": what the ranges ask for, "measured": px or None,
+    "message": …}`` plus the task's timing, or
     ``{"error": …}``. For ``auto`` this runs the same first pass as single-process predict (the
     same slices of the whole stack) and stops before the real pass; otherwise it is just the
     given diameter. Never raises."""
     from .inference import iter_predict
     from .io import read_stack
+    from .scale import NATIVE
 
     started, t0 = time.time(), time.perf_counter()
     timing: dict[str, Any] = {"task": "scale", "worker": _where(), "started": started}
@@ -483,7 +485,10 @@ def measure_scale(
                 scale = found.scale
         finally:
             stack.close()
-        result = {"diameter": scale.diameter, "message": scale.message or ""}
+        # what every range predicts at: the zoom auto chose (no rescaling: "none", not None,
+        # which would mean the card's default), and the diameter it measured, for the record
+        request = NATIVE if scale.zoom == 1.0 else loaded.card.diameter / scale.zoom
+        result = {"diameter": request, "measured": scale.diameter, "message": scale.message or ""}
     except Exception as e:
         result = {"error": describe_error(e)}
     timing.update(ended=time.time(), seconds=time.perf_counter() - t0, model_load_s=load_s)
@@ -604,7 +609,9 @@ def predict_range(
             pixel_size=stack.pixel_size,
             unit=stack.unit,
             foreground=int(mask.sum()),
-            diameter_px=used.diameter if used is not None else None,
+            diameter_px=scale["measured"]
+            if "measured" in scale
+            else (used.diameter if used is not None else None),
             scale_message=(message if message is not None else (used.message if used else ""))
             or "",
             read_notes=tuple(stack.notes),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -40,11 +41,15 @@ from .normalize import convert_channels, prepare_image
 from .options import DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_TILE
 from .postprocess import threshold_prob
 from .scale import (
+    AUTO_PER_SLICE,
+    NATIVE,
     back_to_shape,
     check_diameter,
     object_diameters,
+    requested_diameter,
     resize_image,
     resized_shape,
+    typical_diameter,
     zoom_factor,
 )
 from .tiling import BLEND_MODES, TileGrid, blend_window, make_grid
@@ -695,6 +700,12 @@ def _run(
 
 #: ``auto`` measures the objects on at most this many slices of a stack (spread evenly)
 AUTO_SLICES = 3
+#: ``auto`` follows its second measurement (at the zoom the first asked for) where the two
+#: differ by more than this factor either way
+AUTO_RECHECK = 1.25
+#: ``auto`` does not rescale when the measured diameter is within this factor of the trained
+#: one (training's random zoom covers it); the first pass's probabilities are then the result
+AUTO_SNAP = 1.1
 
 
 @dataclass(frozen=True)
@@ -711,7 +722,7 @@ def _check_diameter_arg(loaded: LoadedModel, diameter: Any, shape: tuple[int, in
     """Validate ``diameter`` (None, a number of px, or ``"auto"``) before any work."""
     if diameter is None:
         return
-    if isinstance(diameter, str) and diameter.strip().lower() == "auto":
+    if _is_auto(diameter) or _is_per_slice(diameter):
         return
     if isinstance(diameter, str):
         try:
@@ -735,6 +746,18 @@ def _is_auto(diameter: Any) -> bool:
     return isinstance(diameter, str) and diameter.strip().lower() == "auto"
 
 
+def _is_per_slice(diameter: Any) -> bool:
+    return isinstance(diameter, str) and diameter.strip().lower() == AUTO_PER_SLICE
+
+
+def effective_diameter(loaded: LoadedModel, diameter: Any) -> float | str | None:
+    """The diameter a prediction of ``loaded`` runs at (see :func:`.scale.requested_diameter`):
+    the user's value, or the card's ``default_diameter`` when it is None or empty; ``"auto"``, a
+    number of px, or None (the image's own scale)."""
+    d = requested_diameter(diameter, loaded.card.default_diameter)
+    return None if d == NATIVE else d
+
+
 def fixed_scale(loaded: LoadedModel, diameter: float | None, shape: tuple[int, int]) -> Scale:
     """The :class:`Scale` for a given diameter (px) or None (the image's own scale)."""
     trained = loaded.card.diameter
@@ -749,36 +772,93 @@ def iter_auto_scale(
     engine: _Engine, source: _Source, indices: list[int], loaded: LoadedModel
 ) -> Generator[Progress, None, Scale]:
     """``auto``: predict up to :data:`AUTO_SLICES` slices at the trained scale, threshold them
-    with the card's threshold, take the median equivalent diameter of the objects found.
+    with the card's threshold, take the median equivalent diameter of the objects found; then
+    measure again on those slices predicted at the zoom that diameter asks for, and follow the
+    second measurement where the two differ by more than :data:`AUTO_RECHECK` (objects far
+    from the trained size are often cut into pieces, or merged, at the trained scale).
 
     No objects: says so and keeps the trained scale (zoom 1)."""
+    scale, _ = yield from _auto_scale(engine, source, indices, loaded)
+    return scale
+
+
+def _measure(
+    engine: _Engine, source: _Source, pick: list[int], loaded: LoadedModel, note: str
+) -> Generator[Progress, None, tuple[float | None, dict[int, np.ndarray]]]:
+    """Predict ``pick`` with ``engine``: the median object diameter (px at the source's scale,
+    None: no objects) and the probabilities by slice. Its events finish no slice (the
+    probabilities of a measuring pass are not the result)."""
+    diams: list[np.ndarray] = []
+    probs: dict[int, np.ndarray] = {}
+
+    def sink(z: int, p: np.ndarray) -> None:
+        diams.append(object_diameters(threshold_prob(p, loaded.card.threshold)))
+        probs[z] = p
+
+    for ev in _run(engine, source, pick, loaded, sink, note=note):
+        yield replace(ev, finished=())
+    found = typical_diameter(np.concatenate(diams) if diams else np.zeros(0))
+    if found is None:
+        return None, probs
+    return float(np.clip(found, 1.0, min(source.shape))), probs
+
+
+def _auto_scale(
+    engine: _Engine, source: _Source, indices: list[int], loaded: LoadedModel
+) -> Generator[Progress, None, tuple[Scale, dict[int, np.ndarray]]]:
+    """:func:`iter_auto_scale`, plus the probabilities of the slices the last measuring pass
+    predicted at the scale chosen (final: the prediction need not redo them)."""
     trained = loaded.card.diameter
     if trained is None:
-        return Scale(None, 1.0, "")
+        return Scale(None, 1.0, ""), {}
     pick = indices
     if len(indices) > AUTO_SLICES:
         at = np.linspace(0, len(indices) - 1, AUTO_SLICES).round().astype(int)
         pick = [indices[i] for i in at]
-    diams: list[np.ndarray] = []
-
-    def sink(_z: int, p: np.ndarray) -> None:
-        diams.append(object_diameters(threshold_prob(p, loaded.card.threshold)))
-
-    yield from _run(engine, source, pick, loaded, sink, note="diameter auto: first pass")
-    found = np.concatenate(diams) if diams else np.zeros(0)
-    if found.size == 0:
+    d, probs = yield from _measure(engine, source, pick, loaded, "diameter auto: first pass")
+    if d is None:
         return Scale(
             None,
             1.0,
             f"diameter auto: no objects found at the trained scale; using the trained scale "
             f"({trained:g} px, no rescaling)",
-        )
-    d = float(np.median(found))
-    d = float(np.clip(d, 1.0, min(source.shape)))
+        ), {}
     z = zoom_factor(trained, d)
-    return Scale(
+    if abs(math.log(z)) <= math.log(AUTO_SNAP):
+        return Scale(
+            d,
+            1.0,
+            f"diameter auto: {d:.1f} px measured, within {AUTO_SNAP - 1:.0%} of the model's "
+            f"{trained:g} px: no rescaling",
+        ), probs
+    scale = Scale(
         d, z, f"diameter auto: {d:.1f} px measured (model trained at {trained:g} px: zoom ×{z:.3g})"
     )
+    eng = _scaled_engine(loaded, engine.options, source, scale, engine)
+    d2, probs = yield from _measure(
+        eng, source, pick, loaded, f"diameter auto: checking {d:.1f} px"
+    )
+    if d2 is None or abs(math.log(d2 / d)) <= math.log(AUTO_RECHECK):
+        return scale, probs
+    z2 = zoom_factor(trained, d2)
+    keep = probs if z2 == z else {}  # clipped to the same zoom: the same prediction
+    return Scale(
+        d2,
+        z2,
+        f"diameter auto: {d2:.1f} px measured at zoom ×{z:.3g} ({d:.1f} px at the image's own "
+        f"scale; model trained at {trained:g} px: zoom ×{z2:.3g})",
+    ), keep
+
+
+def auto_scale_of(loaded: LoadedModel, image2d: np.ndarray) -> Scale:
+    """What ``diameter="auto"`` chooses for one 2D image ``(Y, X)`` / ``(Y, X, C)`` (the
+    measuring passes of :func:`iter_predict_slice`, run to the end), e.g. for scoring a model
+    the way a prediction would run it."""
+    source = _as_source(np.asarray(image2d)[None])
+    _check_channels(loaded, source)
+    engine = _Engine(loaded, PredictOptions(device=loaded.device.type), source.shape)
+    scale, _ = drain(_auto_scale(engine, source, [0], loaded))
+    return scale
 
 
 def _scaled_engine(
@@ -817,6 +897,7 @@ def iter_predict_slice(
         )
     source = _as_source(img[None])
     _check_channels(loaded, source)
+    diameter = effective_diameter(loaded, diameter)
     _check_diameter_arg(loaded, diameter, source.shape)
     batch = _check_source_memory(loaded, options, source, img.dtype, 1, False, diameter)
     engine = _fit_batch(_Engine(loaded, options, source.shape), batch)
@@ -833,7 +914,7 @@ def _check_source_memory(
     diameter: Any,
 ) -> int:
     plan_shape = None
-    if diameter is not None and not _is_auto(diameter):
+    if diameter is not None and not _is_auto(diameter) and not _is_per_slice(diameter):
         plan_shape = _scaled_shape(loaded, source.shape, float(diameter))
     return check_memory(
         loaded,
@@ -854,19 +935,85 @@ def _scaled_shape(loaded: LoadedModel, shape: tuple[int, int], diameter: float) 
 
 def _resolve_scale(
     engine: _Engine, source: _Source, indices: list[int], loaded: LoadedModel, diameter: Any
-) -> Generator[Progress, None, Scale]:
+) -> Generator[Progress, None, tuple[Scale, dict[int, np.ndarray]]]:
+    """The :class:`Scale`, and the final probabilities ``auto`` already made (by slice)."""
     if _is_auto(diameter):
-        return (yield from iter_auto_scale(engine, source, indices, loaded))
-    return fixed_scale(loaded, None if diameter is None else float(diameter), source.shape)
+        return (yield from _auto_scale(engine, source, indices, loaded))
+    return fixed_scale(loaded, None if diameter is None else float(diameter), source.shape), {}
+
+
+def _predict_rest(
+    engine: _Engine,
+    source: _Source,
+    indices: list[int],
+    loaded: LoadedModel,
+    sink: Callable[[int, np.ndarray], None],
+    scale: Scale,
+    done: dict[int, np.ndarray],
+) -> Generator[Progress, None, None]:
+    """Hand ``done``'s slices to ``sink`` (one event finishing them), then predict the rest."""
+    ready = [z for z in indices if z in done]
+    for z in ready:
+        sink(z, done[z])
+    if ready:
+        n = len(indices)
+        yield Progress(len(ready), n, scale.message, ready[-1], tuple(ready))
+    rest = [z for z in indices if z not in done]
+    if rest:
+        eng = _scaled_engine(loaded, engine.options, source, scale, engine)
+        yield from _run(eng, source, rest, loaded, sink, scale.message)
+
+
+def _per_slice(
+    engine: _Engine,
+    source: _Source,
+    indices: list[int],
+    loaded: LoadedModel,
+    sink: Callable[[int, np.ndarray], None],
+) -> Generator[Progress, None, Scale]:
+    """``auto-slice``: every slice measured on its own (:func:`_auto_scale` on that slice) and
+    predicted at its own zoom — the sections of one object through a stack differ in size,
+    and each is brought to the trained size. Returns a :class:`Scale` summing them up (the
+    median diameter and zoom; the range in its message)."""
+    n, unit = len(indices), 1000
+    scales: list[Scale] = []
+    for i, z in enumerate(indices):
+        measuring = _auto_scale(engine, source, [z], loaded)
+        while True:  # the measuring passes: the first half of this slice's share
+            try:
+                ev = next(measuring)
+            except StopIteration as stop:
+                scale, done = stop.value
+                break
+            yield replace(ev, done=i * unit + int(unit * ev.fraction) // 2, total=n * unit)
+        scales.append(scale)
+        for ev in _predict_rest(engine, source, [z], loaded, sink, scale, done):
+            yield replace(
+                ev, done=i * unit + unit // 2 + int(unit * ev.fraction) // 2, total=n * unit
+            )
+    found = [s.diameter for s in scales if s.diameter is not None]
+    zooms = [s.zoom for s in scales]
+    if not found:
+        return Scale(None, 1.0, "diameter auto per slice: no objects found; no rescaling")
+    d, z = float(np.median(found)), float(np.median(zooms))
+    return Scale(
+        d,
+        z,
+        f"diameter auto per slice: {min(found):.1f}–{max(found):.1f} px measured (median "
+        f"{d:.1f}) on {len(found)} of {n} slice(s); zoom ×{min(zooms):.3g}–×{max(zooms):.3g}",
+    )
 
 
 def _slice_job(
     engine: _Engine, source: _Source, loaded: LoadedModel, diameter: Any = None
 ) -> Generator[Progress, None, np.ndarray]:
     result: list[np.ndarray] = []
-    scale = yield from _resolve_scale(engine, source, [0], loaded, diameter)
-    eng = _scaled_engine(loaded, engine.options, source, scale, engine)
-    yield from _run(eng, source, [0], loaded, lambda _z, p: result.append(p), scale.message)
+    sink = lambda _z, p: result.append(p)  # noqa: E731
+    if _is_per_slice(diameter):
+        yield from _per_slice(engine, source, [0], loaded, sink)
+        return result[0]
+    scale, done = yield from _resolve_scale(engine, source, [0], loaded, diameter)
+    yield from _predict_rest(engine, source, [0], loaded, sink, scale, done)
     return result[0]
 
 
@@ -914,6 +1061,7 @@ def iter_predict(
             "give `out` the stack's (Z, Y, X) shape",
         )
     encode = _encoder(np.dtype(out.dtype))
+    diameter = effective_diameter(loaded, diameter)
     _check_diameter_arg(loaded, diameter, source.shape)
     dtype = getattr(getattr(stack, "data", stack), "dtype", np.float32)
     batch = _check_source_memory(loaded, options, source, dtype, len(indices), allocated, diameter)
@@ -934,12 +1082,15 @@ def _stack_job(
     def sink(z: int, p: np.ndarray) -> None:
         out[z] = encode(p)
 
-    if indices:
-        scale = yield from _resolve_scale(engine, source, indices, loaded, diameter)
+    if indices and _is_per_slice(diameter):
+        scale = yield from _per_slice(engine, source, indices, loaded, sink)
+        if on_scale is not None:  # after the slices: it sums up what each was measured at
+            on_scale(scale)
+    elif indices:
+        scale, done = yield from _resolve_scale(engine, source, indices, loaded, diameter)
         if on_scale is not None:
             on_scale(scale)
-        eng = _scaled_engine(loaded, engine.options, source, scale, engine)
-        yield from _run(eng, source, indices, loaded, sink, scale.message)
+        yield from _predict_rest(engine, source, indices, loaded, sink, scale, done)
     return out
 
 

@@ -37,8 +37,9 @@ CARD_NAME = "model.json"
 WEIGHTS_NAME = "weights.safetensors"
 CARD_FORMAT = "napari-bulbseg-model"
 #: 2 added ``diameter`` and the normalisation's ``polarity`` / ``noise_floor`` (version-1 cards
-#: read as before: no rescaling, bright objects, no noise floor)
-CARD_FORMAT_VERSION = 2
+#: read as before: no rescaling, bright objects, no noise floor); 3 added ``default_diameter``
+#: (older cards read as before: no diameter given means the image's own scale)
+CARD_FORMAT_VERSION = 3
 #: file suffixes of pickled PyTorch / Python objects, refused without being opened
 #: a model.json larger than this is refused unread (cards are a few kB)
 MAX_CARD_BYTES = 16 * 1024**2
@@ -234,6 +235,10 @@ class ModelCard:
     threshold: float = 0.5
     #: median object diameter (px) the model was trained at; None: unknown (no rescaling)
     diameter: float | None = None
+    #: what prediction runs at when the user gives no diameter: "auto" (measure the objects
+    #: once per stack), "auto-slice" (measure every slice), a number of px, or None (the
+    #: image's own scale)
+    default_diameter: float | str | None = None
     postprocess: dict[str, Any] = field(
         default_factory=lambda: {"min_size": 0, "fill_holes": False, "keep_largest": 0}
     )
@@ -319,6 +324,7 @@ class ModelCard:
                 f"use one of {', '.join(CHANNEL_POLICIES)}, or re-export the model",
             )
         card.diameter = _check_card_diameter(card.diameter, source)
+        card.default_diameter = _check_card_default_diameter(card, source)
         _check_card_postprocess(card, source)
         _check_card_records(card, source)
         _weights_file_name(card, source)
@@ -353,6 +359,29 @@ def _check_card_diameter(d: Any, source: str) -> float | None:
             "unknown); fix model.json or re-export the model",
         )
     return float(d)
+
+
+def _check_card_default_diameter(card: ModelCard, source: str) -> float | str | None:
+    """The card's ``default_diameter``: None, ``"auto"`` or a number of px in (0, 10000]; either
+    of the last two needs the trained ``diameter`` (there is nothing to rescale to without)."""
+    d = card.default_diameter
+    if d is None:
+        return None
+    ok = d in ("auto", "auto-slice") or (
+        not isinstance(d, bool) and isinstance(d, (int, float)) and 0.0 < float(d) <= 1e4
+    )
+    if not ok:
+        raise ModelError(
+            f"{source} has an invalid default_diameter {d!r}",
+            'use "auto", "auto-slice", a number of pixels > 0, or null (the image\'s own '
+            "scale); fix model.json or re-export the model",
+        )
+    if card.diameter is None:
+        raise ModelError(
+            f"{source} has a default_diameter ({d!r}) but no trained diameter to rescale to",
+            "set default_diameter to null, or give the diameter the model was trained at",
+        )
+    return d if isinstance(d, str) else float(d)
 
 
 def _check_card_records(card: ModelCard, source: str) -> None:

@@ -3,6 +3,11 @@
 A model is trained with its images rescaled so that the median object has the card's
 ``diameter`` (px); prediction rescales the user's image by ``trained / diameter`` before the
 U-Net and brings the probabilities back to the input's exact shape (see ``inference``).
+
+What a prediction runs at when the user gives no diameter is the card's ``default_diameter``
+(:func:`requested_diameter`): ``"auto"`` for the bundled general model (it measures the
+objects), a number for a fine-tuned version (the size of the objects it was fine-tuned on, in
+the user's pixels), or none (the image's own scale).
 """
 
 from __future__ import annotations
@@ -16,8 +21,46 @@ from .errors import InputError
 
 #: objects smaller than this (pixels) are ignored when measuring the median diameter (noise)
 MIN_OBJECT_PIXELS = 9
+#: an object with less than this fraction of the area-weighted median object's area is a speck
+#: and does not count towards the typical diameter
+SPECK_AREA_FRACTION = 0.1
 #: prediction never rescales by more than this factor either way
 MAX_ZOOM = 8.0
+#: what a user types for "no rescaling: the image's own scale"
+NATIVE = "none"
+#: what a user types for "measure every slice on its own" (``auto`` measures a stack once)
+AUTO_PER_SLICE = "auto-slice"
+
+
+def requested_diameter(value: object, default: object = None) -> float | str:
+    """The diameter a prediction runs at, from the user's ``value`` and the model card's
+    ``default_diameter``: ``"auto"`` (measured once per stack), ``"auto-slice"`` (measured on
+    every slice), a number of pixels (not yet checked against an image), or :data:`NATIVE` (the
+    image's own scale). ``value`` None or empty means "the model's default";
+    a default of None means the image's own scale. Anything else is refused with what is valid.
+    """
+    for v in (value, default):
+        if v is None or (isinstance(v, str) and not v.strip()):
+            continue
+        if isinstance(v, str):
+            word = v.strip().lower()
+            if word in ("auto", AUTO_PER_SLICE, NATIVE):
+                return word
+            try:
+                v = float(word)
+            except ValueError:
+                raise InputError(
+                    f"Object diameter {v!r} is not a number",
+                    f"give a number of pixels, 'auto' (measure it), 'auto-slice' (measure every "
+                    f"slice) or '{NATIVE}' (the image's own scale)",
+                ) from None
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise InputError(
+                f"Object diameter {v!r} is not a number",
+                f"give a number of pixels, 'auto' or '{NATIVE}'",
+            )
+        return float(v)
+    return NATIVE
 
 
 def object_diameters(mask: np.ndarray, min_pixels: int = MIN_OBJECT_PIXELS) -> np.ndarray:
@@ -33,10 +76,26 @@ def object_diameters(mask: np.ndarray, min_pixels: int = MIN_OBJECT_PIXELS) -> n
     return 2.0 * np.sqrt(areas / math.pi)
 
 
+def typical_diameter(diameters: np.ndarray) -> float | None:
+    """The median of object diameters, specks left out; None when there are none.
+
+    A speck is an object with less than :data:`SPECK_AREA_FRACTION` of the area of the
+    area-weighted median object (the object holding the median foreground pixel): a few large
+    objects among many false-positive specks — a bulb in a nuclei model's first pass — are
+    measured as the large objects, while a field of similar nuclei keeps them all."""
+    d = np.asarray(diameters, dtype=np.float64)
+    if d.size == 0:
+        return None
+    area = np.sort(d**2)
+    cum = np.cumsum(area)
+    weighted = area[int(np.searchsorted(cum, 0.5 * cum[-1]))]
+    return float(np.median(d[d**2 >= SPECK_AREA_FRACTION * weighted]))
+
+
 def median_diameter(mask: np.ndarray, min_pixels: int = MIN_OBJECT_PIXELS) -> float | None:
-    """The median equivalent diameter (px) of a mask's objects, or None when it has none."""
-    d = object_diameters(mask, min_pixels)
-    return float(np.median(d)) if d.size else None
+    """The median equivalent diameter (px) of a mask's objects, specks left out
+    (:func:`typical_diameter`), or None when it has none."""
+    return typical_diameter(object_diameters(mask, min_pixels))
 
 
 def check_diameter(diameter: float, shape: tuple[int, ...]) -> float:
@@ -53,7 +112,7 @@ def check_diameter(diameter: float, shape: tuple[int, ...]) -> float:
         raise InputError(
             f"Object diameter {diameter!r} is not valid for an image of {shape[-2]}×{shape[-1]} px",
             f"give a number of pixels greater than 0 and at most {side} (the image's shorter "
-            "side), or 'auto'",
+            f"side), 'auto' or '{NATIVE}' (the image's own scale)",
         )
     return d
 

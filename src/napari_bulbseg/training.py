@@ -66,6 +66,7 @@ from .model import (
 from .model import software_versions as _software_versions
 from .normalize import Normalization, prepare_image
 from .options import START_MODES
+from .scale import AUTO_PER_SLICE
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -543,6 +544,10 @@ class TrainRun:
         self.build_model(self.scratch)
 
         self.diameter = config.diameter if base is None else base.card.diameter
+        #: what the new card asks prediction to run at when the user gives no diameter: every
+        #: image is brought to the trained diameter here, so prediction measures every slice
+        #: and brings it there too (measured on a bulb stack: docs/model.md, "Object scale")
+        self.default_diameter = AUTO_PER_SLICE if self.diameter is not None else None
         prep_args = (self.in_c, self.norm, self.prep, config.center_crop, self.diameter)
         self.train_p = [prepare_sample(s, *prep_args) for s in self.train_s]
         self.val_p = [prepare_sample(s, *prep_args) for s in self.val_s]
@@ -611,9 +616,13 @@ class TrainRun:
             self.build_optimizer()  # no step taken yet: the same optimiser at the lower rate
 
     def base_scores(self) -> dict[str, float]:
-        """The base model on the validation slices, as :meth:`judge` scores it (computed once)."""
+        """The base model on the validation slices, as :meth:`judge` scores it (computed once):
+        at the zoom the fine-tune trains at and the new version predicts at by default, so
+        that both models are judged at the same scale."""
         if self._base_scores is None:
-            self._base_scores = evaluate_model(self.base, self.val_s)
+            self._base_scores = evaluate_model(
+                self.base, self.val_s, diameter=self.default_diameter
+            )
         return self._base_scores
 
     def choose_start(self) -> Generator[TrainProgress, None, None]:
@@ -872,6 +881,7 @@ class TrainRun:
             channel_policy=self.policy,
             threshold=self.val_metrics["threshold"],
             diameter=self.diameter,
+            default_diameter=self.default_diameter,
             postprocess=dict(base.card.postprocess)
             if base is not None
             else ModelCard().postprocess,
@@ -911,13 +921,14 @@ class TrainRun:
         """Is the new model worth making current? Records the answer in ``card``.
 
         Both models are scored the same way (:func:`evaluate_model`, whole slices, each at its
-        own card's threshold) on the validation slices. A model that finds next to nothing
-        where the slices hold objects (Dice below :data:`MIN_USEFUL_DICE`) is never made
-        current; a fine-tuned one is made current only when it beats its base there — or, with
-        fewer than :data:`MIN_VAL_IMAGES_FOR_SELECTION` validation slices (one or two: a
-        comparison on them is mostly noise, and an empty slice ties every model), when it is not
-        clearly worse (by more than :data:`FEW_VAL_MARGIN` Dice), with a note saying the
-        comparison was weak. Either way the version is saved, so the user can still choose it.
+        own card's threshold, both at the new card's default scale) on the validation slices. A
+        model that finds next to nothing where the slices hold objects (Dice below
+        :data:`MIN_USEFUL_DICE`) is never made current; a fine-tuned one is made current only
+        when it beats its base there — or, with fewer than :data:`MIN_VAL_IMAGES_FOR_SELECTION`
+        validation slices (one or two: a comparison on them is mostly noise, and an empty slice
+        ties every model), when it is not clearly worse (by more than :data:`FEW_VAL_MARGIN`
+        Dice), with a note saying the comparison was weak. Either way the version is saved, so
+        the user can still choose it.
         """
         has_fg = any(s.mask.any() for s in self.val_s)
         new = evaluate_model(LoadedModel(self.model, card, device=self.device), self.val_s)
@@ -951,7 +962,9 @@ class TrainRun:
             "base_dice": base_dice,
             "new_pixel_error": new["pixel_error"],
             "base_pixel_error": base_err,
-            "protocol": "evaluate_model: whole slices, each model at its own card threshold",
+            "protocol": "evaluate_model: whole slices, each model at its own card threshold, "
+            "both at the new card's default diameter",
+            "diameter": self.default_diameter,
         }
         card.training["accepted"] = {"current": accepted, "reason": reason}
         return accepted, reason
@@ -1152,20 +1165,33 @@ def model_probs(
     normalises (the card's channel policy and normalisation), at each mask's shape.
 
     ``policy`` overrides the card's channel policy (e.g. ``"luminance"`` for RGB images on a
-    grey model). ``diameter`` (needs a card diameter): ``None`` runs at the image's own scale;
-    a number (px) or ``"mask"`` (each image's true median object diameter, an oracle) rescales
-    the image by ``card.diameter / diameter`` for the U-Net and the probabilities back.
+    grey model). ``diameter`` as prediction takes it (:func:`.inference.effective_diameter`):
+    ``None`` is the card's ``default_diameter`` — each model scored the way a user's prediction
+    runs it —, ``"none"`` the image's own scale, ``"auto"`` measured per image as prediction
+    measures it, a number (px) or ``"mask"`` (each image's true median object diameter, an
+    oracle) rescales the image by ``card.diameter / diameter`` for the U-Net and the
+    probabilities back.
     """
+    from .inference import auto_scale_of, effective_diameter
+    from .normalize import convert_channels
     from .scale import median_diameter, resize_image, resized_shape, zoom_factor
 
     pol = _prep_policy(policy or loaded.card.channel_policy)
+    eff = "mask" if diameter == "mask" else effective_diameter(loaded, diameter)
     model = loaded.model.eval()
     probs = []
     with torch.no_grad():
         for s in samples:
             img = prepare_image(s.image, loaded.card.in_channels, loaded.card.norm, pol)
-            d = median_diameter(s.mask) if diameter == "mask" else diameter
-            f = zoom_factor(loaded.card.diameter, d)
+            if eff in ("auto", AUTO_PER_SLICE):  # one image: measured on its own either way
+                raw = s.image
+                if policy is not None:  # measured on what the model is fed
+                    c = convert_channels(s.image, loaded.card.in_channels, pol, rgb=s.rgb)
+                    raw = c[0] if c.shape[0] == 1 else np.moveaxis(c, 0, -1)
+                f = auto_scale_of(loaded, raw).zoom
+            else:
+                d = median_diameter(s.mask) if eff == "mask" else eff
+                f = zoom_factor(loaded.card.diameter, d)
             shape = s.mask.shape
             if f != 1.0:
                 img = resize_image(img, resized_shape(shape, f))

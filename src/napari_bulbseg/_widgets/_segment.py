@@ -120,6 +120,7 @@ class SegmentWidget(Container):
         self.overlap.tooltip = T.TIP_OVERLAP
         self.tta = CheckBox(text="Test-time augmentation", value=False, tooltip=T.TIP_TTA)
         self.diameter = LineEdit(label="Object size (px)", value="", tooltip=T.TIP_DIAMETER)
+        self.diameter.native.setPlaceholderText(T.HINT_DIAMETER)
         self.run_btn = PushButton(text=T.BTN_RUN)
         self.cancel_btn = PushButton(text=T.BTN_CANCEL, enabled=False)
         self.bar = ProgressBar(value=0, min=0, max=1000, visible=False, label="")
@@ -271,8 +272,8 @@ class SegmentWidget(Container):
         )
 
     def _diameter(self) -> str | None:
-        """The field's text: empty = the image's own scale, "auto", or pixels (the engine
-        checks it and says what is valid)."""
+        """The field's text: empty = the model card's default, "auto", "none" (the image's
+        own scale) or pixels (the engine resolves and checks it and says what is valid)."""
         text = str(self.diameter.value or "").strip()
         return text or None
 

@@ -30,10 +30,12 @@ BTN_CANCEL = "Cancel"
 MSG_NO_IMAGE = "Choose an image layer first."
 MSG_NO_FOLDER = "Choose a model folder, or pick another model."
 TIP_DIAMETER = (
-    "Typical object diameter in pixels, or 'auto' to measure it: the image is rescaled "
-    "internally to the size the model was trained at (its card says which) and the mask comes "
-    "back at the image's size. Empty: predict at the image's own scale."
+    "Typical object diameter in pixels, 'auto' to measure it, or 'none' for the image's own "
+    "scale: the image is rescaled internally to the size the model was trained at (its card "
+    "says which) and the mask comes back at the image's size. Empty: the model's default "
+    "('auto' for the bundled model; the size of the objects a fine-tuned version learnt from)."
 )
+HINT_DIAMETER = "model default"
 MSG_PREDICTING = "Predicting slice {z} first, then the rest of the stack…"
 MSG_KEPT_RULES = (
     "Kept your threshold {t:.2f} and object rules; this model suggests {card:.2f} "
