@@ -10,8 +10,9 @@ Usage (from the repository root; data in ../shared/data)::
 For each source's validation split (bbbc039/val; the fixed per-file splits of dsb2018-fluo and
 dsb2018-stained made by ``scripts/train_default_model.py``) it runs the real prediction path
 (``inference.predict``: card normalisation, tiling, the card's threshold) at the image's own
-scale (``diameter="none"``) and with ``diameter="auto"`` (the bundled model's default), and prints the pooled pixel Dice, the ratio to
-plain Otsu on the same images (luminance; objects = the brighter class for fluorescence, the
+scale (``diameter="none"``) and with ``diameter="auto"`` (for one image the same as the bundled
+model's default, ``auto-slice``), and prints the pooled pixel Dice, the ratio to plain Otsu on
+the same images (luminance; objects = the brighter class for fluorescence, the
 darker class for stained tissue — Otsu's best case), and the same for a baseline model. Then the
 images (and masks) are rescaled 0.5× and 2× and predicted with and without ``auto``.
 """

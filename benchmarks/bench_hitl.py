@@ -12,7 +12,7 @@ Ground truth plays the user. Each chain starts from a base model and repeats rou
    the new model only when the engine makes it current (it beats the old one on the held-out
    validation slices) — as the plugin does by default;
 4. score the current model on held-out images that are never corrected (pooled Dice at the
-   model's own threshold, whole images at their own scale).
+   model's own threshold, whole images at the scale its card asks for: ``default_diameter``).
 
 Every strategy runs with the same seeds (the fine-tuning seed; and random's choice), rounds
 interleaved so a busy machine slows them alike. Sources: ``phantom`` (a bulb stack made by
@@ -41,7 +41,15 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+#: ``queue-plain``: the queue without its diversity term on unrelated images (exploration)
+ALL_STRATEGIES = ("queue", "random", "file", "queue-plain")
 STRATEGIES = ("queue", "random", "file")
+COLOURS = {
+    "queue": "tab:blue",
+    "random": "tab:orange",
+    "file": "tab:grey",
+    "queue-plain": "tab:green",
+}
 
 
 def load_source(name: str, data: Path, pool_max: int, seed: int) -> tuple[list, list, bool]:
@@ -98,7 +106,9 @@ def pick(
         for i, p in enumerate(probs):
             (sc,) = score_stack(p, spec, is_stack=False, term=SCORE_TERM)
             scores.append(type(sc)(**{**sc.__dict__, "index": i}))
-    return sorted(s.index for s in rank(scores, exclude=done, spread=is_stack)[:k])
+    diverse = not is_stack and strategy != "queue-plain"  # as the Review widget and CLI rank
+    ranked = rank(scores, exclude=done, spread=is_stack, diverse=diverse)
+    return sorted(s.index for s in ranked[:k])
 
 
 def chain(
@@ -162,7 +172,8 @@ def plot(rows: list[dict[str, Any]], counts: list[int], base_dice: float, title:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for s, colour in zip(STRATEGIES, ("tab:blue", "tab:orange", "tab:grey"), strict=True):
+    for s in STRATEGIES:
+        colour = COLOURS[s]
         xs = [0, *counts]
         per = [[r["held_out_dice"] for r in rows if r["strategy"] == s and r["corrected"] == n]
                for n in counts]  # fmt: skip
@@ -198,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         choices=["expected_error", "error_share"],
         help="the queue's error term (ranking.SCORE_TERMS); exploration",
     )
+    ap.add_argument("--strategies", nargs="+", choices=ALL_STRATEGIES, default=ALL_STRATEGIES[:3])
     args = ap.parse_args(argv)
+    global STRATEGIES
+    STRATEGIES = tuple(args.strategies)
     if args.quick:
         args.counts, args.seeds, args.budget, args.pool_max = [2, 3], 1, 5.0, 8
 

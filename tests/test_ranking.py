@@ -172,3 +172,51 @@ def test_the_score_term_can_be_the_error_share():
     assert rank(score_stack(stack, PostProcess(), is_stack=False, term="error_share"))[0].index == 1
     with pytest.raises(InputError, match="score term"):
         score_stack(stack, PostProcess(), term="entropy")
+
+
+def _image_kind(shape, n, r, p=0.6, seed=0):
+    """``n`` discs of radius ``r`` at probability ``p`` (doubtful), on a confident background."""
+    rng = np.random.default_rng(seed)
+    prob = np.full(shape, 0.01, np.float32)
+    for _ in range(n):
+        cy, cx = rng.uniform(r + 1, shape[0] - r - 1), rng.uniform(r + 1, shape[1] - r - 1)
+        prob[_disc(shape, cy, cx, r)] = p
+    return prob
+
+
+def _unrelated(probs):
+    from napari_bulbseg.ranking import SliceScore
+
+    out = []
+    for i, p in enumerate(probs):
+        (sc,) = score_stack(p, PostProcess(threshold=0.5), is_stack=False)
+        out.append(SliceScore(**{**sc.__dict__, "index": i}))
+    return out
+
+
+def test_diverse_ranking_spreads_picks_over_unrelated_kinds_of_image():
+    """Three near-copies of one kind of image, the most doubtful, and two other kinds: by
+    score alone a round of three corrections takes the three copies; with the diversity term
+    it takes one of each kind."""
+    copies = [_image_kind((96, 96), 6, 6, p=0.55, seed=s) for s in range(3)]
+    big = _image_kind((200, 260), 2, 30, p=0.6, seed=5)  # larger image, few large objects
+    dense = _image_kind((64, 64), 12, 3, p=0.65, seed=6)  # small image, many small objects
+    scores = _unrelated([*copies, big, dense])
+    assert all(s.pixels == s_.size for s, s_ in zip(scores, [*copies, big, dense], strict=True))
+    plain = [s.index for s in rank(scores)[:3]]
+    assert sorted(plain) == [0, 1, 2]  # the score alone: the copies first
+    diverse = [s.index for s in rank(scores, diverse=True)[:3]]
+    assert diverse[0] == plain[0]  # the top score still comes first
+    assert sorted(diverse[1:]) == [3, 4]
+    # every slice once, nothing lost
+    assert sorted(s.index for s in rank(scores, diverse=True)) == list(range(5))
+
+
+def test_diverse_ranking_counts_what_was_reviewed():
+    """A kind of image already corrected pulls its look-alikes back."""
+    copies = [_image_kind((96, 96), 6, 6, p=0.55, seed=s) for s in range(3)]
+    big = _image_kind((200, 260), 2, 30, p=0.6, seed=5)
+    scores = _unrelated([*copies, big])
+    first = rank(scores, exclude={0}, diverse=True)[0]
+    assert first.index == 3  # the copies look like the reviewed slice 0
+    assert rank(scores, exclude={0})[0].index in (1, 2)  # without the term: a copy

@@ -21,13 +21,18 @@ Nothing here needs ground truth or another forward pass. Each slice gets
 ``score = expected_error + 0.25·min(extra, 4) + 0.05·min(specks, 10) + 0.5·min(area_change, 1)``;
 higher is more worth correcting. :func:`rank` orders by it and, in a stack, defers a slice
 whose neighbour is already ahead of it in the list (adjacent slices are near-duplicates: the
-second teaches little). The weights are round numbers, not fitted; what ranking by it buys over
+second teaches little) and, among unrelated images (``diverse``), picks the head of the list
+for its score plus how unlike it is to the images picked before it and those already reviewed
+(size, object share, object size and density, read off the prediction): a round should cover
+the set's kinds of image, not the most doubtful kind only. The weights are round numbers, not
+fitted; what ranking by it buys over
 random or file order is measured in ``benchmarks/bench_hitl.py`` (docs/hitl.md).
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -53,6 +58,10 @@ CONFIDENT = 0.05
 SCORE_TERMS = ("expected_error", "error_share")
 #: the expected-error denominator is at least this many pixels (and half a typical object)
 MIN_FLOOR_PX = 64.0
+#: weight of the coverage term when ranking unrelated images (:func:`rank` ``diverse``)
+W_DIVERSE = 0.5
+#: the diversity term orders this many slices at the head of the list (the rest by score)
+DIVERSE_HEAD = 64
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,8 @@ class SliceScore:
     foreground: int
     objects: int
     source: str = ""
+    #: the slice's size in pixels (for the descriptor that spreads picks over unrelated images)
+    pixels: int = 0
 
     @property
     def reasons(self) -> str:
@@ -93,6 +104,7 @@ class _Raw:
     mass: float
     sizes: np.ndarray  # object sizes in the shown mask
     n_before_keep: int
+    pixels: int = 0
 
 
 def _slice_raw(prob2d: Any, spec: PostProcess) -> _Raw:
@@ -110,7 +122,7 @@ def _slice_raw(prob2d: Any, spec: PostProcess) -> _Raw:
     fp = float((1.0 - p[shown]).sum(dtype=np.float64))
     mass = float(p.sum(dtype=np.float64))
     fn = mass - float(p[shown].sum(dtype=np.float64))
-    return _Raw(fp, max(fn, 0.0), int(shown.sum()), mass, sizes, n_before)
+    return _Raw(fp, max(fn, 0.0), int(shown.sum()), mass, sizes, n_before, int(p.size))
 
 
 def iter_score_stack(
@@ -204,23 +216,79 @@ def _combine(
                 foreground=r.shown,
                 objects=int(r.sizes.size),
                 source=source,
+                pixels=r.pixels,
             )
         )
     return out
 
 
+def _descriptors(scores: Sequence[SliceScore]) -> np.ndarray:
+    """What a slice's prediction says about the image, standardised over ``scores``: its size,
+    the share of it in objects, their mean size and how many there are per pixel (logs)."""
+    x = np.array(
+        [
+            [
+                math.log(max(s.pixels, 1)),
+                s.foreground / max(s.pixels, 1),
+                math.log1p(s.foreground / max(s.objects, 1)),
+                math.log1p(1e4 * s.objects / max(s.pixels, 1)),
+            ]
+            for s in scores
+        ],
+        dtype=np.float64,
+    ).reshape(len(scores), 4)
+    sd = x.std(axis=0)
+    return (x - x.mean(axis=0)) / np.where(sd > 1e-9, sd, 1.0)
+
+
+def _diverse(ordered: list[SliceScore], taken: list[SliceScore]) -> list[SliceScore]:
+    """The head of ``ordered`` re-ordered greedily: each next slice maximises its score plus
+    :data:`W_DIVERSE` × how far it is from every slice picked before it or already reviewed
+    (``taken``; the distance to the nearest, over the pool's typical distance, at most 1). The
+    first pick, with nothing reviewed, is the top score."""
+    head, tail = ordered[:DIVERSE_HEAD], ordered[DIVERSE_HEAD:]
+    if len(head) < 2:
+        return ordered
+    x = _descriptors(head + taken)
+    cand, seen = x[: len(head)], x[len(head) :]
+    pair = np.sqrt(((cand[:, None] - cand[None]) ** 2).sum(-1))
+    typical = float(np.median(pair[np.triu_indices(len(head), 1)])) or 1.0
+    near = np.full(len(head), np.inf)
+    if len(seen):
+        near = np.sqrt(((cand[:, None] - seen[None]) ** 2).sum(-1)).min(axis=1)
+    left, out = list(range(len(head))), []
+    while left:
+        cover = np.minimum(near[left] / typical, 1.0)
+        gain = np.array([head[i].score for i in left]) + W_DIVERSE * cover
+        best = left[int(np.argmax(gain))]  # ties: the earlier (higher-scored) slice
+        out.append(head[best])
+        left.remove(best)
+        near = np.minimum(near, pair[best])
+    return out + tail
+
+
 def rank(
-    scores: Iterable[SliceScore], exclude: Iterable[int] = (), spread: bool = False
+    scores: Iterable[SliceScore],
+    exclude: Iterable[int] = (),
+    spread: bool = False,
+    diverse: bool = False,
 ) -> list[SliceScore]:
     """Most worth correcting first; slices in ``exclude`` (e.g. reviewed ones) left out.
 
     ``spread`` (for the slices of one stack): a slice whose neighbour (±1, same source) is
     already listed — or excluded as reviewed — moves behind every slice without one, keeping
-    its order among the moved. Ties keep slice order, so the ranking is deterministic."""
+    its order among the moved. ``diverse`` (for unrelated images): the head of the list is
+    picked greedily for its score *and* for differing from the slices picked before it and
+    those reviewed (:func:`_diverse`), so that a round of corrections covers the set's variety
+    rather than the most doubtful kind of image only. Ties keep slice order, so the ranking is
+    deterministic."""
+    scores = list(scores)
     skip = set(exclude)
     ordered = sorted(
         (s for s in scores if s.index not in skip), key=lambda s: (-s.score, s.source, s.index)
     )
+    if diverse:
+        return _diverse(ordered, [s for s in scores if s.index in skip])
     if not spread:
         return ordered
     taken = {(src, z) for src in {s.source for s in ordered} for z in skip}
