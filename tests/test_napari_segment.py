@@ -171,15 +171,40 @@ def test_saved_when_today_yesterday_and_zones():
 # --------------------------------------------------------------------------- object size
 
 
-def _scaled_model(tmp_path, diameter=20.0):
+def _scaled_model(tmp_path, diameter=20.0, default=None):
     import torch
 
     from napari_bulbseg.model import ModelCard, UNet, UNetConfig, save_model
 
     torch.manual_seed(0)
-    return save_model(
-        tmp_path / "scaled", UNet(UNetConfig(1, 1, 8, 3)), ModelCard(name="s", diameter=diameter)
-    )
+    card = ModelCard(name="s", diameter=diameter, default_diameter=default)
+    return save_model(tmp_path / "scaled", UNet(UNetConfig(1, 1, 8, 3)), card)
+
+
+def test_empty_object_size_uses_the_models_default(
+    make_napari_viewer, qtbot, tmp_path, bulbseg_home
+):
+    """Empty field: the card's default_diameter (here 40 px for a model trained at 20), said
+    in the field's placeholder and the status, stored in the layers' metadata."""
+    from napari_bulbseg._widgets._session import get_session
+
+    viewer = make_napari_viewer()
+    _open_phantom(viewer, tmp_path, n=2, shape=(64, 64))
+    seg = open_dock(viewer, "Segment")
+    s = get_session(viewer)
+    _folder_model(seg, _scaled_model(tmp_path, default=40.0))
+    assert seg.diameter.value == "" and seg.diameter.native.placeholderText() == "model default"
+    seg.run_btn.native.click()
+    qtbot.waitUntil(lambda: not seg.running and s.done is not None and s.done.all(), timeout=30000)
+    assert "diameter 40 px" in seg.status.value
+    assert s.pred_layer.metadata["bulbseg_diameter_px"] == 40.0
+    assert s.pred_layer.metadata["bulbseg_zoom"] == pytest.approx(0.5)
+    # "none" overrides the default: the image's own scale, no diameter recorded
+    seg.diameter.value = "none"
+    seg.run_btn.native.click()
+    qtbot.waitUntil(lambda: not seg.running, timeout=30000)
+    assert "diameter 40 px" not in seg.status.value
+    assert "bulbseg_diameter_px" not in s.pred_layer.metadata  # no stale figure left behind
 
 
 def test_object_size_field_rescales_inside_and_says_so(

@@ -127,8 +127,8 @@ def _card_notes(card: ModelCard) -> list[str]:
     if card.diameter is not None:
         notes.append(
             f"trained at objects about {card.diameter:g} px across; napari-bulbseg rescales "
-            "images when given --diameter, other consumers do not: rescale images so that "
-            "objects have about that size"
+            "images to that size (measured per image unless given --diameter), other consumers "
+            "do not: rescale images so that objects have about that size"
         )
     if card.channel_policy == "luminance":
         notes.append(
@@ -357,6 +357,7 @@ def export_package(
                     "card_format_version": card.format_version,
                     "threshold": card.threshold,
                     "diameter": card.diameter,
+                    "default_diameter": card.default_diameter,
                     "normalization": card.normalization,
                     "channel_policy": card.channel_policy,
                     "notes": notes,

@@ -289,10 +289,16 @@ class SegmentWidget(Container):
         msg = T.MSG_PRED_DONE.format(n=n, model=self._session.model_label, s=dt)
         if scale is not None and scale.diameter is not None:
             msg = f"{msg} {scale.message}."
-            for layer in (self._session.prob_layer, self._session.pred_layer):
-                if layer is not None:  # saved with the layer: the scale its mask was made at
-                    layer.metadata["bulbseg_diameter_px"] = float(scale.diameter)
-                    layer.metadata["bulbseg_zoom"] = float(scale.zoom)
+        for layer in (self._session.prob_layer, self._session.pred_layer):
+            if layer is None:
+                continue
+            if scale is not None and scale.diameter is not None:
+                # saved with the layer: the scale its mask was made at
+                layer.metadata["bulbseg_diameter_px"] = float(scale.diameter)
+                layer.metadata["bulbseg_zoom"] = float(scale.zoom)
+            else:  # the image's own scale: no stale figure from an earlier prediction
+                layer.metadata.pop("bulbseg_diameter_px", None)
+                layer.metadata.pop("bulbseg_zoom", None)
         self.status.value = msg
         show_info(msg)
         self._set_running(False)
