@@ -98,10 +98,13 @@ def test_requested_diameter_refuses_what_is_not_a_diameter(value) -> None:
 
 def test_typical_diameter_leaves_specks_out() -> None:
     # two bulbs among many specks: the median of all would be a speck's
-    assert typical_diameter(np.array([70.0, 64.0] + [5.0] * 8)) == pytest.approx(67.0)
-    # a field of similar nuclei: the plain median
-    assert typical_diameter(np.array([28.0, 30.0, 31.0, 33.0])) == pytest.approx(30.5)
-    assert typical_diameter(np.zeros(0)) is None
+    assert typical_diameter(np.array([70.0, 64.0] + [5.0] * 8), 10.0) == pytest.approx(67.0)
+    # a field of nuclei with one huge merged blob: the blob does not move the median
+    nuclei = np.array([17.0, 18.0, 16.0, 19.0, 17.5, 186.0])
+    assert typical_diameter(nuclei, 10.0) == pytest.approx(17.75)
+    # every object below the speck size: they really are that small
+    assert typical_diameter(np.array([6.0, 7.0, 8.0]), 10.0) == pytest.approx(7.0)
+    assert typical_diameter(np.zeros(0), 10.0) is None
 
 
 # --------------------------------------------------------------------------- the card

@@ -43,6 +43,7 @@ from .postprocess import threshold_prob
 from .scale import (
     AUTO_PER_SLICE,
     NATIVE,
+    SPECK_FRACTION,
     back_to_shape,
     check_diameter,
     object_diameters,
@@ -783,11 +784,18 @@ def iter_auto_scale(
 
 
 def _measure(
-    engine: _Engine, source: _Source, pick: list[int], loaded: LoadedModel, note: str
+    engine: _Engine,
+    source: _Source,
+    pick: list[int],
+    loaded: LoadedModel,
+    note: str,
+    zoom: float = 1.0,
 ) -> Generator[Progress, None, tuple[float | None, dict[int, np.ndarray]]]:
-    """Predict ``pick`` with ``engine``: the median object diameter (px at the source's scale,
-    None: no objects) and the probabilities by slice. Its events finish no slice (the
-    probabilities of a measuring pass are not the result)."""
+    """Predict ``pick`` with ``engine`` (at ``zoom``): the typical object diameter (px at the
+    source's scale, specks left out: :func:`.scale.typical_diameter`; None: no objects) and
+    the probabilities by slice. Its events finish no slice (the probabilities of a measuring
+    pass are not the result)."""
+    speck_below = (loaded.card.diameter or 0.0) * SPECK_FRACTION / zoom
     diams: list[np.ndarray] = []
     probs: dict[int, np.ndarray] = {}
 
@@ -797,7 +805,7 @@ def _measure(
 
     for ev in _run(engine, source, pick, loaded, sink, note=note):
         yield replace(ev, finished=())
-    found = typical_diameter(np.concatenate(diams) if diams else np.zeros(0))
+    found = typical_diameter(np.concatenate(diams) if diams else np.zeros(0), speck_below)
     if found is None:
         return None, probs
     return float(np.clip(found, 1.0, min(source.shape))), probs
@@ -836,7 +844,7 @@ def _auto_scale(
     )
     eng = _scaled_engine(loaded, engine.options, source, scale, engine)
     d2, probs = yield from _measure(
-        eng, source, pick, loaded, f"diameter auto: checking {d:.1f} px"
+        eng, source, pick, loaded, f"diameter auto: checking {d:.1f} px", zoom=z
     )
     if d2 is None or abs(math.log(d2 / d)) <= math.log(AUTO_RECHECK):
         return scale, probs

@@ -21,9 +21,9 @@ from .errors import InputError
 
 #: objects smaller than this (pixels) are ignored when measuring the median diameter (noise)
 MIN_OBJECT_PIXELS = 9
-#: an object with less than this fraction of the area-weighted median object's area is a speck
-#: and does not count towards the typical diameter
-SPECK_AREA_FRACTION = 0.1
+#: ``auto``: an object narrower than this fraction of the trained diameter (in the first pass, at
+#: the trained scale) is a speck and does not count towards the typical diameter
+SPECK_FRACTION = 1.0 / 3.0
 #: prediction never rescales by more than this factor either way
 MAX_ZOOM = 8.0
 #: what a user types for "no rescaling: the image's own scale"
@@ -76,26 +76,26 @@ def object_diameters(mask: np.ndarray, min_pixels: int = MIN_OBJECT_PIXELS) -> n
     return 2.0 * np.sqrt(areas / math.pi)
 
 
-def typical_diameter(diameters: np.ndarray) -> float | None:
+def typical_diameter(diameters: np.ndarray, speck_below: float = 0.0) -> float | None:
     """The median of object diameters, specks left out; None when there are none.
 
-    A speck is an object with less than :data:`SPECK_AREA_FRACTION` of the area of the
-    area-weighted median object (the object holding the median foreground pixel): a few large
-    objects among many false-positive specks — a bulb in a nuclei model's first pass — are
-    measured as the large objects, while a field of similar nuclei keeps them all."""
+    A speck is an object narrower than ``speck_below`` px; when every object is one, the
+    median of all is returned (the objects really are that small). ``auto`` passes a third of
+    the trained diameter (:data:`SPECK_FRACTION`): a model at its trained scale draws real
+    objects around that size, so a few large objects among many tiny false positives — a bulb
+    in a nuclei model's first pass — are measured as the large objects, while a field of
+    nuclei keeps them all (and one huge merged blob among them does not move the median)."""
     d = np.asarray(diameters, dtype=np.float64)
     if d.size == 0:
         return None
-    area = np.sort(d**2)
-    cum = np.cumsum(area)
-    weighted = area[int(np.searchsorted(cum, 0.5 * cum[-1]))]
-    return float(np.median(d[d**2 >= SPECK_AREA_FRACTION * weighted]))
+    kept = d[d >= speck_below]
+    return float(np.median(kept if kept.size else d))
 
 
 def median_diameter(mask: np.ndarray, min_pixels: int = MIN_OBJECT_PIXELS) -> float | None:
-    """The median equivalent diameter (px) of a mask's objects, specks left out
-    (:func:`typical_diameter`), or None when it has none."""
-    return typical_diameter(object_diameters(mask, min_pixels))
+    """The median equivalent diameter (px) of a mask's objects, or None when it has none."""
+    d = object_diameters(mask, min_pixels)
+    return float(np.median(d)) if d.size else None
 
 
 def check_diameter(diameter: float, shape: tuple[int, ...]) -> float:
