@@ -398,9 +398,7 @@ def _write_ranking(
 ) -> None:
     from .ranking import rank, score_files, write_ranking_csv
 
-    scores = score_files(probs, spec, expected_max)
-    unrelated = len({s.source for s in scores}) == len(scores)  # one image per file
-    ranked = rank(scores, spread=not unrelated, diverse=unrelated)
+    ranked = rank(score_files(probs, spec, expected_max))
     out = write_ranking_csv(dest, ranked)
     print(_printable(f"slices most worth correcting first ({len(ranked)} in all) -> {out}"))
     for i, s in enumerate(ranked[: max(top, 0)], 1):

@@ -21,12 +21,12 @@ Nothing here needs ground truth or another forward pass. Each slice gets
 ``score = expected_error + 0.25·min(extra, 4) + 0.05·min(specks, 10) + 0.5·min(area_change, 1)``;
 higher is more worth correcting. :func:`rank` orders by it and, in a stack, defers a slice
 whose neighbour is already ahead of it in the list (adjacent slices are near-duplicates: the
-second teaches little) and, among unrelated images (``diverse``), picks the head of the list
-for its score plus how unlike it is to the images picked before it and those already reviewed
-(size, object share, object size and density, read off the prediction): a round should cover
-the set's kinds of image, not the most doubtful kind only. The weights are round numbers, not
-fitted; what ranking by it buys over
-random or file order is measured in ``benchmarks/bench_hitl.py`` (docs/hitl.md).
+second teaches little). ``rank(diverse=True)`` can also pick the head of a list of unrelated
+images for its score plus how unlike it is to the images picked before it and those already
+reviewed (size, object share, object size and density, read off the prediction); measured on
+stained tissue it did worse than the plain ranking (docs/hitl.md), so the Review widget and
+``bulbseg rank`` do not use it. The weights are round numbers, not fitted; what ranking by it
+buys over random or file order is measured in ``benchmarks/bench_hitl.py`` (docs/hitl.md).
 """
 
 from __future__ import annotations

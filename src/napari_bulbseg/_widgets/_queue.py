@@ -120,12 +120,7 @@ class CorrectNextQueue(QListWidget):
         """Unreviewed slices, most worth correcting first."""
         from ..ranking import rank
 
-        return rank(
-            self.scores,
-            exclude=self._session.reviewed,
-            spread=self._is_stack,
-            diverse=not self._is_stack,
-        )
+        return rank(self.scores, exclude=self._session.reviewed, spread=self._is_stack)
 
     def top(self, besides: int | None = None) -> int | None:
         """The slice to correct next (not ``besides``), or None when none is left."""
