@@ -9,9 +9,30 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from napari_bulbseg.data import Sample, make_sample
+from napari_bulbseg.model import LoadedModel, ModelCard
 from napari_bulbseg.training import TrainConfig
+
+
+class ThresholdNet(nn.Module):
+    """A stand-in 'network': foreground where the normalised input is above 0.5 (for tests of
+    the prediction path's scale handling, where a trained U-Net would only add noise)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(20.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * (x[:, :1] - 0.5)
+
+
+def threshold_model(diameter: float | None = 30.0, default: Any = None) -> LoadedModel:
+    """:class:`ThresholdNet` with a card trained at ``diameter`` px and ``default_diameter``."""
+    card = ModelCard(diameter=diameter, default_diameter=default)
+    return LoadedModel(ThresholdNet().eval(), card)
 
 
 def discs(n: int, seed: int = 0, shape=(64, 64), rgb: bool = False) -> list[Sample]:

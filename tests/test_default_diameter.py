@@ -8,10 +8,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
-from _helpers import tiny_config
+from _helpers import threshold_model, tiny_config
 from napari_bulbseg.data import make_sample
 from napari_bulbseg.errors import InputError, ModelError
 from napari_bulbseg.events import drain
@@ -36,17 +34,6 @@ from napari_bulbseg.training import TrainRun, evaluate_model
 OPTS = PredictOptions(device="cpu", tile=256, overlap=32)
 
 
-class _Threshold(nn.Module):
-    """A stand-in 'network': foreground where the normalised input is above 0.5."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(20.0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * (x[:, :1] - 0.5)
-
-
 def _unet():
     from napari_bulbseg.model import UNet, UNetConfig
 
@@ -54,7 +41,7 @@ def _unet():
 
 
 def _loaded(default=None, diameter: float | None = 30.0) -> LoadedModel:
-    return LoadedModel(_Threshold().eval(), ModelCard(diameter=diameter, default_diameter=default))
+    return threshold_model(diameter, default)
 
 
 def _disc_image(shape, centres_radii, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
+from _helpers import ThresholdNet, threshold_model
 from napari_bulbseg.errors import InputError
 from napari_bulbseg.inference import PredictOptions, iter_predict, predict, predict_slice
 from napari_bulbseg.model import LoadedModel, ModelCard
@@ -24,20 +24,8 @@ from napari_bulbseg.scale import (
 OPTS = PredictOptions(device="cpu", tile=256, overlap=32)
 
 
-class _Threshold(nn.Module):
-    """A stand-in 'network': foreground where the normalised input is above 0.5."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(20.0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * (x[:, :1] - 0.5)
-
-
 def _loaded(diameter: float | None = 30.0) -> LoadedModel:
-    card = ModelCard(diameter=diameter)
-    return LoadedModel(_Threshold().eval(), card)
+    return threshold_model(diameter)
 
 
 def _discs(shape: tuple[int, int], diameter: float, spacing: float, seed: int = 0) -> np.ndarray:
@@ -85,7 +73,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
 
 
-class _Halving(_Threshold):
+class _Halving(ThresholdNet):
     """A stand-in that cuts every object wider than 1.5× the trained 30 px (in its own input's
     pixels) in two: the way a U-Net fragments objects far from its trained size."""
 

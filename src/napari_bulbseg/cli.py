@@ -690,10 +690,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--diameter",
         default=None,
-        help="object diameter in pixels, 'auto' (measured) or 'none' (the image's own scale); "
-        "images are rescaled internally to the model's trained diameter, outputs keep the "
-        "input's size (default: the model card's default_diameter — 'auto' for the bundled "
-        "model, the fine-tuning data's size for a fine-tuned version)",
+        help="object diameter in pixels, 'auto' (measured once per stack), 'auto-slice' "
+        "(measured on every slice) or 'none' (the image's own scale); images are rescaled "
+        "internally to the model's trained diameter, outputs keep the input's size (default: "
+        "the model card's default_diameter — 'auto-slice' for the bundled model and fine-tuned "
+        "versions)",
     )
     _add_predict_options(p)
     where = p.add_mutually_exclusive_group()

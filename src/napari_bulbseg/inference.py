@@ -720,7 +720,8 @@ class Scale:
 
 
 def _check_diameter_arg(loaded: LoadedModel, diameter: Any, shape: tuple[int, int]) -> None:
-    """Validate ``diameter`` (None, a number of px, or ``"auto"``) before any work."""
+    """Validate a resolved ``diameter`` (:func:`effective_diameter`: None, a number of px,
+    ``"auto"`` or ``"auto-slice"``) before any work."""
     if diameter is None:
         return
     if _is_auto(diameter) or _is_per_slice(diameter):
@@ -753,8 +754,8 @@ def _is_per_slice(diameter: Any) -> bool:
 
 def effective_diameter(loaded: LoadedModel, diameter: Any) -> float | str | None:
     """The diameter a prediction of ``loaded`` runs at (see :func:`.scale.requested_diameter`):
-    the user's value, or the card's ``default_diameter`` when it is None or empty; ``"auto"``, a
-    number of px, or None (the image's own scale)."""
+    the user's value, or the card's ``default_diameter`` when it is None or empty; ``"auto"``,
+    ``"auto-slice"``, a number of px, or None (the image's own scale)."""
     d = requested_diameter(diameter, loaded.card.default_diameter)
     return None if d == NATIVE else d
 
@@ -1038,9 +1039,12 @@ def iter_predict(
 
     ``diameter``: the objects' diameter in pixels; the image is rescaled by ``card.diameter /
     diameter`` for the U-Net and the probabilities come back at the input's exact size. None
-    (default): the image's own scale, as before. ``"auto"``: measured by a first pass at the
-    trained scale (see :func:`iter_auto_scale`). ``on_scale`` is called once with the
-    :class:`Scale` used (its message is also the prefix of every progress message).
+    (default): the card's ``default_diameter`` (:func:`effective_diameter`). ``"none"``: the
+    image's own scale. ``"auto"``: measured once for the stack by a first pass at the trained
+    scale (see :func:`iter_auto_scale`); ``"auto-slice"``: measured on every slice, each
+    predicted at its own zoom. ``on_scale`` is called once with the :class:`Scale` used (for
+    ``auto-slice``, after the slices, summing them up; otherwise before, and its message is
+    also the prefix of every progress message).
 
     ``stack``: an array (Z, Y, X) / (Z, Y, X, C) (a 2D array is one slice), or an ``io.Stack``
     (anything with ``.data``, ``.rgb`` and ``.plane(i)``; lazy stacks are read one plane at a

@@ -362,12 +362,15 @@ def _check_card_diameter(d: Any, source: str) -> float | None:
 
 
 def _check_card_default_diameter(card: ModelCard, source: str) -> float | str | None:
-    """The card's ``default_diameter``: None, ``"auto"`` or a number of px in (0, 10000]; either
-    of the last two needs the trained ``diameter`` (there is nothing to rescale to without)."""
+    """The card's ``default_diameter``: None, ``"auto"``, ``"auto-slice"`` or a number of px in
+    (0, 10000]; anything but None needs the trained ``diameter`` (there is nothing to rescale to
+    without)."""
+    from .scale import AUTO_PER_SLICE
+
     d = card.default_diameter
     if d is None:
         return None
-    ok = d in ("auto", "auto-slice") or (
+    ok = d in ("auto", AUTO_PER_SLICE) or (
         not isinstance(d, bool) and isinstance(d, (int, float)) and 0.0 < float(d) <= 1e4
     )
     if not ok:

@@ -5,9 +5,9 @@ A model is trained with its images rescaled so that the median object has the ca
 U-Net and brings the probabilities back to the input's exact shape (see ``inference``).
 
 What a prediction runs at when the user gives no diameter is the card's ``default_diameter``
-(:func:`requested_diameter`): ``"auto"`` for the bundled general model (it measures the
-objects), a number for a fine-tuned version (the size of the objects it was fine-tuned on, in
-the user's pixels), or none (the image's own scale).
+(:func:`requested_diameter`): ``"auto-slice"`` for the bundled model and every model trained or
+fine-tuned with a diameter (each slice's objects measured and brought to the trained size),
+``"auto"`` (once per stack), a number of px, or none (the image's own scale).
 """
 
 from __future__ import annotations
@@ -30,6 +30,12 @@ MAX_ZOOM = 8.0
 NATIVE = "none"
 #: what a user types for "measure every slice on its own" (``auto`` measures a stack once)
 AUTO_PER_SLICE = "auto-slice"
+#: the words a diameter may be besides a number
+DIAMETER_WORDS = ("auto", AUTO_PER_SLICE, NATIVE)
+_VALID = (
+    f"give a number of pixels, 'auto' (measure it once per stack), '{AUTO_PER_SLICE}' (measure "
+    f"every slice) or '{NATIVE}' (the image's own scale)"
+)
 
 
 def requested_diameter(value: object, default: object = None) -> float | str:
@@ -44,21 +50,14 @@ def requested_diameter(value: object, default: object = None) -> float | str:
             continue
         if isinstance(v, str):
             word = v.strip().lower()
-            if word in ("auto", AUTO_PER_SLICE, NATIVE):
+            if word in DIAMETER_WORDS:
                 return word
             try:
                 v = float(word)
             except ValueError:
-                raise InputError(
-                    f"Object diameter {v!r} is not a number",
-                    f"give a number of pixels, 'auto' (measure it), 'auto-slice' (measure every "
-                    f"slice) or '{NATIVE}' (the image's own scale)",
-                ) from None
+                raise InputError(f"Object diameter {v!r} is not a number", _VALID) from None
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-            raise InputError(
-                f"Object diameter {v!r} is not a number",
-                f"give a number of pixels, 'auto' or '{NATIVE}'",
-            )
+            raise InputError(f"Object diameter {v!r} is not a number", _VALID)
         return float(v)
     return NATIVE
 

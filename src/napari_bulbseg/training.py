@@ -617,8 +617,8 @@ class TrainRun:
 
     def base_scores(self) -> dict[str, float]:
         """The base model on the validation slices, as :meth:`judge` scores it (computed once):
-        at the zoom the fine-tune trains at and the new version predicts at by default, so
-        that both models are judged at the same scale."""
+        at the new card's default diameter (each slice measured), so that both models are
+        judged at the scale the new version predicts at."""
         if self._base_scores is None:
             self._base_scores = evaluate_model(
                 self.base, self.val_s, diameter=self.default_diameter
